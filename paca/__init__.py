@@ -1,0 +1,45 @@
+"""paca: Partial Connection Adaptation (PaCA) for PyTorch and Hugging Face models.
+
+PaCA fine-tunes ``r`` input columns of each frozen linear weight: the same GEMMs as the frozen
+model, and only ``x[..., idx]`` kept for the backward pass.
+
+    import paca
+    model = paca.enable(model, r=8, alpha=16)   # train as usual
+    paca.save_adapter(model, "adapter/")
+"""
+
+from paca import backends as _backends
+from paca.checkpoint import load_adapter, save_adapter
+from paca.config import PacaConfig
+from paca.layer import PacaLinear
+from paca.model import (
+    ParameterCount,
+    disabled,
+    enable,
+    merge,
+    paca_layers,
+    print_trainable_parameters,
+    trainable_parameters,
+    unload,
+)
+
+__version__ = "0.1.0"
+
+# CPU kernels register at import: that touches no device. CUDA and HPU kernels register when a
+# model is enabled on such a device.
+_backends.load("cpu")
+
+__all__ = [
+    "PacaConfig",
+    "PacaLinear",
+    "ParameterCount",
+    "disabled",
+    "enable",
+    "load_adapter",
+    "merge",
+    "paca_layers",
+    "print_trainable_parameters",
+    "save_adapter",
+    "trainable_parameters",
+    "unload",
+]

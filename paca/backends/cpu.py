@@ -1,0 +1,35 @@
+"""CPU kernels. They are also the reference the CUDA and HPU kernels are tested against."""
+
+import torch
+
+from paca.ops import grad_dtype
+
+
+def gather_cols(x, idx):
+    return torch.index_select(x, -1, idx)  # (..., r), contiguous
+
+
+def scatter_cols(cols, idx, in_features):
+    out = cols.new_zeros((*cols.shape[:-1], in_features))
+    return out.index_copy_(-1, idx, cols)
+
+
+def write_cols_(weight, idx, cols, dim):
+    weight.index_copy_(dim, idx, cols.to(weight.dtype))
+
+
+def partial_grad(grad_out, x_idx, scaling):
+    # CPU GEMMs in bf16/fp16 are not faster than fp32 for this tall-skinny product
+    # (out x tokens x r), so accumulate and return in fp32 directly.
+    dtype = grad_dtype(grad_out.dtype)
+    g2d = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+    x2d = x_idx.reshape(-1, x_idx.shape[-1]).to(dtype)
+    return torch.mm(g2d.t(), x2d).mul_(scaling)
+
+
+KERNELS = {
+    "gather_cols": gather_cols,
+    "scatter_cols": scatter_cols,
+    "write_cols_": write_cols_,
+    "partial_grad": partial_grad,
+}

@@ -1,0 +1,416 @@
+"""Model surgery: enable, merge, unload and disable PaCA over a whole model."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from paca import backends
+from paca.config import PacaConfig
+from paca.layer import (
+    PacaLinear,
+    TrainedCopy,
+    has_user_hooks,
+    is_linear,
+    linear_shape,
+    merged_unsupported_reason,
+)
+from paca.selection import select_columns
+
+_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_BERT_LIKE = (
+    r"(.*\.)?encoder\.layer\.\d+\.(attention\.self\.(query|key|value)"
+    r"|attention\.output\.dense|intermediate\.dense|output\.dense)"
+)
+DEFAULT_TARGETS: dict[str, list[str] | str] = {
+    **dict.fromkeys(
+        ["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2"],
+        _LLAMA_LIKE,
+    ),
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "camembert"], _BERT_LIKE),
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+}
+_HEAD_NAMES = ("classifier", "score", "qa_outputs")
+_HEAD_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+
+# Set on an adapted model: its config and the requires_grad flags to give back on unload/merge.
+_CONFIG_ATTR = "paca_config"
+_FLAGS_ATTR = "_paca_requires_grad"
+
+
+def _matches(name: str, spec: list[str] | str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+def paca_layers(model: nn.Module) -> list[tuple[str, PacaLinear]]:
+    """``(name, layer)`` of every adapted layer, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, PacaLinear)]
+
+
+def _trained_copies(model: nn.Module) -> list[tuple[str, TrainedCopy]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, TrainedCopy)]
+
+
+def is_enabled(model: nn.Module) -> bool:
+    return any(isinstance(m, (PacaLinear, TrainedCopy)) for m in model.modules())
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _default_targets(model: nn.Module) -> list[str] | str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    what = f"model_type={model_type!r}" if model_type else f"a {type(model).__name__}"
+    raise ValueError(
+        f"paca has no default target_modules for {what}; pass target_modules='all-linear', "
+        "a list of layer-name suffixes (['q_proj', 'v_proj']) or a regular expression"
+    )
+
+
+def _default_trainable(model: nn.Module) -> list[str]:
+    if not type(model).__name__.endswith(_HEAD_SUFFIXES):
+        return []
+    return [name for name in _HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+
+
+def _resolve_trainable(model: nn.Module, spec: list[str] | None) -> list[str]:
+    names = _default_trainable(model) if spec is None else spec
+    found: list[str] = []
+    for suffix in names:
+        hits = [n for n, _ in model.named_modules() if n and _matches(n, [suffix])]
+        # Keep only the outermost match: training a module trains its children.
+        hits = [n for n in hits if not any(n.startswith(h + ".") for h in hits)]
+        if not hits:
+            raise ValueError(
+                f"trainable_modules entry {suffix!r} matches no module of {type(model).__name__}"
+            )
+        found.extend(h for h in hits if h not in found)
+    return found
+
+
+def _find_targets(model: nn.Module, config: PacaConfig, trainable: list[str]) -> list[str]:
+    spec = config.target_modules
+    all_linear = spec == "all-linear"
+    if spec is None:
+        spec = _default_targets(model)
+    skip = set()
+    if all_linear and hasattr(model, "get_output_embeddings"):
+        head = model.get_output_embeddings()
+        skip |= {n for n, m in model.named_modules() if m is head}
+
+    def inside_trainable(name: str) -> bool:
+        return any(name == t or name.startswith(t + ".") for t in trainable)
+
+    matched = []
+    for name, module in model.named_modules():
+        if not name or name in skip or inside_trainable(name):
+            continue
+        if all_linear:
+            if is_linear(module):
+                matched.append(name)
+            continue
+        if not _matches(name, spec):
+            continue
+        if not is_linear(module):
+            raise ValueError(
+                f"target {name} is a {type(module).__name__}, not a linear layer; paca adapts "
+                "nn.Linear and transformers Conv1D layers: name those (e.g. its q_proj/v_proj)"
+            )
+        matched.append(name)
+    if config.exclude_modules is not None:
+        matched = [n for n in matched if not _matches(n, config.exclude_modules)]
+    if not matched:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
+        raise ValueError(
+            f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
+            f"matches no linear layer of {type(model).__name__}; its linear layers end in "
+            f"{linear[:20]}. A string is a regular expression matched against full names; pass a "
+            "list for name suffixes"
+        )
+    return matched
+
+
+def _model_devices(model: nn.Module) -> set[torch.device]:
+    return {t.device for t in [*model.parameters(), *model.buffers()]}
+
+
+@dataclass
+class _Plan:
+    name: str
+    module: nn.Module
+    idx: torch.Tensor
+    mode: str
+
+
+def _plan(
+    model: nn.Module,
+    config: PacaConfig,
+    trainable: list[str],
+    targets: list[str] | None,
+    indices: dict[str, torch.Tensor] | None,
+) -> list[_Plan]:
+    """Checks every target before anything changes: enable is all or nothing."""
+    names = targets if targets is not None else _find_targets(model, config, trainable)
+    plans = []
+    hooked = []
+    for name in names:
+        module = model.get_submodule(name)
+        in_features, _ = linear_shape(module)
+        if config.r > in_features:
+            raise ValueError(
+                f"r={config.r} exceeds in_features={in_features} of {name}; choose "
+                f"r <= {in_features} or exclude that layer with exclude_modules=[{name!r}]"
+            )
+        reason = merged_unsupported_reason(module)
+        if config.mode == "merged" and reason is not None:
+            raise ValueError(
+                f"mode='merged' cannot adapt {name}: {reason}; use mode='additive' or mode='auto'"
+            )
+        if config.mode == "auto":
+            mode = "merged" if reason is None and not has_user_hooks(module) else "additive"
+        else:
+            mode = config.mode
+        if mode == "merged" and has_user_hooks(module):
+            hooked.append(name)
+        if indices is not None:
+            idx = indices[name]
+        else:
+            idx = select_columns(in_features, config.r, strategy=config.selection, seed=config.seed, name=name)
+        plans.append(_Plan(name, module, idx, mode))
+    if hooked:
+        warnings.warn(
+            f"mode='merged' bypasses the forward hooks registered on {hooked[:5]}"
+            f"{' ...' if len(hooked) > 5 else ''}; use mode='additive' to keep them",
+            UserWarning,
+            stacklevel=4,
+        )
+    return plans
+
+
+def enable(
+    model: nn.Module,
+    r: int = 8,
+    alpha: float = 16,
+    target_modules: list[str] | str | None = None,
+    exclude_modules: list[str] | str | None = None,
+    selection: str = "random",
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    mode: str = "auto",
+    *,
+    trainable_modules: list[str] | None = None,
+    config: PacaConfig | None = None,
+) -> nn.Module:
+    """Adapts a model in place with PaCA and freezes everything but the adapters.
+
+    Each targeted linear layer becomes a ``PacaLinear`` that trains ``r`` of its input columns.
+    See ``PacaConfig`` for the meaning of every setting; pass either the settings or
+    ``config=``, not both. Either the whole model is adapted or, on an error, nothing changes.
+
+    Args:
+        model (nn.Module): any PyTorch / Hugging Face model.
+
+    Returns:
+        nn.Module: the same model object, adapted, on the resolved device.
+    """
+    settings = dict(
+        r=r,
+        alpha=alpha,
+        target_modules=target_modules,
+        exclude_modules=exclude_modules,
+        selection=selection,
+        seed=seed,
+        device=str(device),
+        mode=mode,
+        trainable_modules=trainable_modules,
+    )
+    if config is None:
+        config = PacaConfig(**settings)
+    else:
+        defaults = PacaConfig()
+        changed = [k for k, v in settings.items() if v != getattr(defaults, k)]
+        if changed:
+            raise ValueError(f"pass either config= or keyword settings, not both (got config and {changed})")
+    return _enable(model, config)
+
+
+def _enable(
+    model: nn.Module,
+    config: PacaConfig,
+    targets: list[str] | None = None,
+    indices: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    if is_enabled(model):
+        raise ValueError(
+            f"{type(model).__name__} already has {len(paca_layers(model))} PaCA layers; call "
+            "paca.unload(model) or paca.merge(model) first, or paca.load_adapter to replace them"
+        )
+    trainable = _resolve_trainable(model, config.trainable_modules)
+    config = dataclasses.replace(config, trainable_modules=trainable)
+    plans = _plan(model, config, trainable, targets, indices)
+    devices = _model_devices(model)
+    current = next(iter(devices)) if len(devices) == 1 else None
+    if len(devices) > 1 and config.device == "auto":
+        target_device = None  # a model spread over devices (device_map) stays where it is
+    else:
+        target_device = backends.resolve_device(config.device, current)
+
+    # Nothing has changed so far; from here on, undo everything on failure.
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    replaced: list[tuple[str, nn.Module]] = []
+    try:
+        if target_device is not None and devices != {target_device}:
+            model.to(target_device)
+        for device_type in {d.type for d in _model_devices(model)}:
+            backends.load(device_type)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        for plan in plans:
+            _set_submodule(model, plan.name, PacaLinear(plan.module, plan.idx, config.alpha, plan.mode))
+            replaced.append((plan.name, plan.module))
+        for name in trainable:
+            original = model.get_submodule(name)
+            wrapper = TrainedCopy(original)
+            wrapper.trained.requires_grad_(True)
+            _set_submodule(model, name, wrapper)
+            replaced.append((name, original))
+    except BaseException:
+        for name, module in reversed(replaced):
+            _set_submodule(model, name, module)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, p.requires_grad))
+        if target_device is not None and len(devices) == 1 and devices != {target_device}:
+            model.to(next(iter(devices)))
+        raise
+    setattr(model, _CONFIG_ATTR, config)
+    setattr(model, _FLAGS_ATTR, flags)
+    return model
+
+
+def _finish(model: nn.Module, replacement: str) -> nn.Module:
+    """Swaps every PaCA module for the module named by ``replacement`` and restores flags."""
+    for name, layer in paca_layers(model):
+        _set_submodule(model, name, layer.base_layer)
+    for name, wrapper in _trained_copies(model):
+        _set_submodule(model, name, getattr(wrapper, replacement))
+    flags = getattr(model, _FLAGS_ATTR, {})
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags.get(n, True))
+    for attr in (_CONFIG_ATTR, _FLAGS_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
+
+
+def _require_adapters(model: nn.Module, action: str) -> bool:
+    if is_enabled(model):
+        return True
+    warnings.warn(f"{type(model).__name__} has no PaCA adapters; nothing to {action}", UserWarning, stacklevel=3)
+    return False
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Folds the adapters into the weights; returns the model made of plain layers again.
+
+    Safe: an adapter holding NaN or inf is refused before any weight is touched. Modules trained
+    in full (``trainable_modules``) keep their trained weights. Calling it on a model without
+    adapters warns and does nothing.
+    """
+    if not _require_adapters(model, "merge"):
+        return model
+    layers = paca_layers(model)
+    for name, layer in layers:
+        if layer._disabled:
+            raise RuntimeError(f"cannot merge inside paca.disabled(): {name} is disabled")
+        if not torch.isfinite(layer.delta).all():
+            raise ValueError(f"delta of {name} holds NaN or inf; refusing to merge (model unchanged)")
+        if layer.mode == "additive":
+            weight = layer.base_layer.weight
+            if type(weight.data) is not torch.Tensor or not weight.dtype.is_floating_point:
+                raise ValueError(
+                    f"cannot merge into {name}: its {type(layer.base_layer).__name__} weight is "
+                    f"{type(weight.data).__name__} of dtype {weight.dtype}; save the adapter with "
+                    "paca.save_adapter and load it onto an unquantized, unsharded model to merge"
+                )
+    for _, layer in layers:
+        layer.fold()
+    return _finish(model, "trained")
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Removes PaCA: gives back the base model, weights bit-exact, flags as before ``enable``."""
+    if not _require_adapters(model, "unload"):
+        return model
+    for _, layer in paca_layers(model):
+        layer.restore_base()
+    return _finish(model, "original")
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within this block the model computes as the base model; on exit the adapters are back.
+
+    Nests, and leaves the state right if the block raises.
+    """
+    switches = [m for m in model.modules() if isinstance(m, (PacaLinear, TrainedCopy))]
+    done = []
+    try:
+        for module in switches:
+            module.disable()
+            done.append(module)
+        yield model
+    finally:
+        for module in reversed(done):
+            module.enable()
+
+
+@dataclass
+class ParameterCount:
+    """How much of a model trains."""
+
+    trainable: int
+    total: int
+    adapted_layers: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+            f"trainable%: {self.percent:.4f} || PaCA layers: {self.adapted_layers}"
+        )
+
+
+def trainable_parameters(model: nn.Module) -> ParameterCount:
+    """Counts trainable and total parameters (each shared tensor once) and adapted layers."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return ParameterCount(trainable, total, len(paca_layers(model)))
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    print(trainable_parameters(model))

@@ -1,0 +1,195 @@
+"""The op contract of paca.
+
+Each op is declared once here with ``torch.library.custom_op``: its body is the pure-torch
+reference kernel that serves any device without a kernel of its own, and its fake kernel (shapes
+and dtypes only) sits right below it. Device kernels live in ``paca/backends/``. Output shapes
+depend only on input shapes: no masks, no ``.item()``, no host syncs, so Gaudi graphs stay static
+and ``torch.compile(fullgraph=True)`` sees no graph break.
+
+The two autograd functions at the bottom are the whole PaCA layer math:
+
+* merged:   ``y = x @ W_eff.T + b`` where the frozen ``W_eff`` already holds the trained columns;
+  backward ``grad_x = g @ W_eff`` (the frozen layer's GEMM) and
+  ``grad_delta = s * g.T @ x[..., idx]``; only ``x[..., idx]`` is saved.
+* additive: ``y = base(x) + s * x[..., idx] @ delta.T``; the base layer runs untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of ``delta`` and of its gradient: fp32, or fp64 for fp64 layers."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+@torch.library.custom_op("paca::gather_cols", mutates_args=())
+def gather_cols(x: Tensor, idx: Tensor) -> Tensor:
+    """Selects input channels: ``x (..., in)``, ``idx (r,)`` -> ``(..., r)``."""
+    return torch.index_select(x, -1, idx)
+
+
+@gather_cols.register_fake
+def _(x: Tensor, idx: Tensor) -> Tensor:
+    return x.new_empty((*x.shape[:-1], idx.shape[0]))
+
+
+@torch.library.custom_op("paca::scatter_cols", mutates_args=())
+def scatter_cols(cols: Tensor, idx: Tensor, in_features: int) -> Tensor:
+    """Inverse of ``gather_cols`` for gradients: ``cols (..., r)`` -> ``(..., in)``, zeros elsewhere."""
+    out = cols.new_zeros((*cols.shape[:-1], in_features))
+    return out.index_copy_(-1, idx, cols)
+
+
+@scatter_cols.register_fake
+def _(cols: Tensor, idx: Tensor, in_features: int) -> Tensor:
+    return cols.new_empty((*cols.shape[:-1], in_features))
+
+
+@torch.library.custom_op("paca::write_cols_", mutates_args=("weight",))
+def write_cols_(weight: Tensor, idx: Tensor, cols: Tensor, dim: int) -> None:
+    """Writes ``cols`` into ``weight`` along ``dim`` at ``idx``, in place.
+
+    ``dim=1`` for ``nn.Linear`` (weight ``(out, in)``, cols ``(out, r)``); ``dim=0`` for GPT-2's
+    ``Conv1D`` (weight ``(in, out)``, cols ``(r, out)``).
+    """
+    weight.index_copy_(dim, idx, cols.to(weight.dtype))
+
+
+@write_cols_.register_fake
+def _(weight: Tensor, idx: Tensor, cols: Tensor, dim: int) -> None:
+    return None
+
+
+@torch.library.custom_op("paca::partial_grad", mutates_args=())
+def partial_grad(grad_out: Tensor, x_idx: Tensor, scaling: float) -> Tensor:
+    """Gradient of ``delta``: ``scaling * g2d.T @ x_idx2d``.
+
+    Args:
+        grad_out (Tensor): ``(..., out)``.
+        x_idx (Tensor): ``(..., r)``, the saved input columns.
+        scaling (float): ``alpha / r``.
+
+    Returns:
+        Tensor: ``(out, r)`` in ``grad_dtype(grad_out.dtype)`` (fp32 for bf16/fp16/fp32).
+    """
+    dtype = grad_dtype(grad_out.dtype)
+    g2d = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+    x2d = x_idx.reshape(-1, x_idx.shape[-1]).to(dtype)
+    return (g2d.t() @ x2d) * scaling
+
+
+@partial_grad.register_fake
+def _(grad_out: Tensor, x_idx: Tensor, scaling: float) -> Tensor:
+    return grad_out.new_empty(
+        (grad_out.shape[-1], x_idx.shape[-1]), dtype=grad_dtype(grad_out.dtype)
+    )
+
+
+OPS = {
+    "gather_cols": gather_cols,
+    "scatter_cols": scatter_cols,
+    "write_cols_": write_cols_,
+    "partial_grad": partial_grad,
+}
+
+
+class _MergedLinear(torch.autograd.Function):
+    """``y = linear(x, W_eff, b)`` with ``grad_delta`` routed to ``delta``; ``W_eff`` is frozen."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, idx, scaling, transposed):
+        w = weight.t() if transposed else weight  # (out, in), a view for Conv1D
+        y = F.linear(x, w, bias)
+        x_idx = gather_cols(x, idx)  # (..., r): all the backward needs of x
+        ctx.save_for_backward(x_idx, weight)
+        ctx.scaling = scaling
+        ctx.transposed = transposed
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_idx, weight = ctx.saved_tensors
+        grad_x = grad_bias = grad_delta = None
+        if ctx.needs_input_grad[0]:
+            w = weight.t() if ctx.transposed else weight
+            grad_x = grad_out @ w.to(grad_out.dtype)  # the frozen layer's own GEMM
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        if ctx.needs_input_grad[3]:
+            grad_delta = partial_grad(grad_out, x_idx, ctx.scaling)
+        return grad_x, None, grad_bias, grad_delta, None, None, None
+
+
+def merged_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    delta: Tensor,
+    idx: Tensor,
+    scaling: float,
+    transposed: bool = False,
+) -> Tensor:
+    """Linear layer whose ``weight`` already holds ``W0[:, idx] + scaling * delta`` at ``idx``.
+
+    Args:
+        x (Tensor): input of shape ``(..., in_features)``.
+        weight (Tensor): frozen ``(out, in)`` weight, or ``(in, out)`` if ``transposed`` (Conv1D).
+        bias (Tensor | None): ``(out,)``.
+        delta (Tensor): ``(out, r)``; only its gradient is produced here, its value lives in
+            ``weight``.
+        idx (Tensor): ``(r,)`` int64 column indices.
+        scaling (float): ``alpha / r``.
+        transposed (bool): ``weight`` is stored ``(in, out)``.
+
+    Returns:
+        Tensor: ``(..., out_features)``.
+    """
+    return _MergedLinear.apply(x, weight, bias, delta, idx, scaling, transposed)
+
+
+class _PartialLinear(torch.autograd.Function):
+    """``y = base_out + scaling * x[..., idx] @ delta.T``."""
+
+    @staticmethod
+    def forward(ctx, base_out, x, delta, idx, scaling):
+        dtype = base_out.dtype
+        x_idx = gather_cols(x, idx).to(dtype)  # (..., r)
+        w = (delta * scaling).to(dtype)  # (out, r)
+        out = base_out.shape[-1]
+        y = torch.addmm(base_out.reshape(-1, out), x_idx.reshape(-1, idx.shape[0]), w.t())
+        ctx.save_for_backward(x_idx, delta, idx)
+        ctx.scaling = scaling
+        ctx.in_features = x.shape[-1]
+        ctx.x_dtype = x.dtype
+        return y.view(base_out.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_idx, delta, idx = ctx.saved_tensors
+        grad_x = grad_delta = None
+        if ctx.needs_input_grad[1]:
+            w = (delta * ctx.scaling).to(grad_out.dtype)
+            grad_x = scatter_cols(grad_out @ w, idx, ctx.in_features).to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_delta = partial_grad(grad_out, x_idx, ctx.scaling)
+        return grad_out, grad_x, grad_delta, None, None
+
+
+def partial_linear(base_out: Tensor, x: Tensor, delta: Tensor, idx: Tensor, scaling: float) -> Tensor:
+    """Adds the PaCA update to a base layer's output.
+
+    Args:
+        base_out (Tensor): the base layer's output ``(..., out_features)``; sets the compute dtype.
+        x (Tensor): the base layer's input ``(..., in_features)``.
+        delta (Tensor): ``(out, r)``.
+        idx (Tensor): ``(r,)`` int64 column indices.
+        scaling (float): ``alpha / r``.
+
+    Returns:
+        Tensor: ``base_out + scaling * x[..., idx] @ delta.T``, shaped like ``base_out``.
+    """
+    return _PartialLinear.apply(base_out, x, delta, idx, scaling)
