@@ -106,7 +106,7 @@ class PacaLinear(nn.Module):
         super().__init__()
         if mode not in ("merged", "additive"):
             raise ValueError(f"mode must be 'merged' or 'additive', got {mode!r}")
-        self.base_layer = base_layer
+        self.base_layer = base_layer.requires_grad_(False)
         self.in_features, self.out_features = linear_shape(base_layer)
         self.transposed = is_conv1d(base_layer)
         self.r = int(idx.numel())

@@ -1,0 +1,55 @@
+"""Tiny models built from configs (no downloads) and helpers shared by the tests."""
+
+import pytest
+import torch
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float32, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**settings)).to(dtype).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_bert_classifier(seed: int = 0, num_labels: int = 3):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def token_batch(batch: int = 2, seq: int = 12, vocab: int = 96, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=generator)
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
