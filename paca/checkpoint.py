@@ -42,7 +42,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """
     layers = paca_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no PaCA adapters to save; call paca.enable first")
+        raise ValueError(
+            f"{type(model).__name__} has no PaCA adapters to save; call paca.enable first"
+        )
     config: PacaConfig = getattr(model, _CONFIG_ATTR)
     tensors: dict[str, torch.Tensor] = {}
     layer_info = {}
@@ -72,10 +74,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     }
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
-        raise ValueError(f"adapter path {directory} exists and is not a directory; choose another path")
+        raise ValueError(
+            f"adapter path {directory} exists and is not a directory; choose another path"
+        )
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
-    _atomic_write(directory / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    _atomic_write(
+        directory / ADAPTER_WEIGHTS,
+        lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}),
+    )
+    _atomic_write(
+        directory / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n")
+    )
     return directory
 
 
@@ -104,9 +113,11 @@ def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         meta = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{config_file} is not valid JSON ({exc}); save the adapter again") from exc
+        raise ValueError(
+            f"{config_file} is not valid JSON ({exc}); save the adapter again"
+        ) from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{config_file} is not a paca adapter config (no \"format\": \"{FORMAT}\")")
+        raise ValueError(f'{config_file} is not a paca adapter config (no "format": "{FORMAT}")')
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{config_file} has format_version={meta.get('format_version')!r}; this paca reads "
@@ -118,7 +129,9 @@ def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         tensors = load_file(str(weights_file))
     except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{weights_file} is corrupted or truncated ({exc}); save the adapter again") from exc
+        raise ValueError(
+            f"{weights_file} is corrupted or truncated ({exc}); save the adapter again"
+        ) from exc
     return meta, tensors
 
 
@@ -131,8 +144,14 @@ def _check(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], sourc
         expected |= {f"{name}.delta", f"{name}.idx"}
         delta, idx = tensors.get(f"{name}.delta"), tensors.get(f"{name}.idx")
         if delta is None or idx is None:
-            raise ValueError(f"{source}: tensors of layer {name} are missing; save the adapter again")
-        if delta.shape != (info["out_features"], r) or idx.shape != (r,) or idx.dtype != torch.int64:
+            raise ValueError(
+                f"{source}: tensors of layer {name} are missing; save the adapter again"
+            )
+        if (
+            delta.shape != (info["out_features"], r)
+            or idx.shape != (r,)
+            or idx.dtype != torch.int64
+        ):
             raise ValueError(
                 f"{source}: layer {name} has delta {tuple(delta.shape)}, idx {tuple(idx.shape)} "
                 f"{idx.dtype}; expected ({info['out_features']}, {r}) and ({r},) int64"
@@ -146,7 +165,9 @@ def _check(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], sourc
             ) from None
         base = getattr(module, "base_layer", module)
         if not is_linear(base):
-            raise ValueError(f"adapter layer {name} from {source} is a {type(base).__name__} in this model")
+            raise ValueError(
+                f"adapter layer {name} from {source} is a {type(base).__name__} in this model"
+            )
         shape = linear_shape(base)
         if shape != (info["in_features"], info["out_features"]):
             raise ValueError(
@@ -161,20 +182,27 @@ def _check(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], sourc
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"trainable module {name} from {source} does not exist in the model") from None
+            raise ValueError(
+                f"trainable module {name} from {source} does not exist in the model"
+            ) from None
         module = getattr(module, "trained", module)
         state = module.state_dict()
         if sorted(state) != sorted(keys):
-            raise ValueError(f"trainable module {name} from {source} has other tensors than the model's")
+            raise ValueError(
+                f"trainable module {name} from {source} has other tensors than the model's"
+            )
         for key in keys:
             if tensors[f"{name}.{key}"].shape != state[key].shape:
                 raise ValueError(
                     f"trainable module {name}.{key} from {source} has shape "
-                    f"{tuple(tensors[f'{name}.{key}'].shape)}, the model's {tuple(state[key].shape)}"
+                    f"{tuple(tensors[f'{name}.{key}'].shape)}, "
+                    f"the model's {tuple(state[key].shape)}"
                 )
     unexpected, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
     if unexpected or missing:
-        raise ValueError(f"{source}: unexpected tensors {unexpected[:5]}, missing tensors {missing[:5]}")
+        raise ValueError(
+            f"{source}: unexpected tensors {unexpected[:5]}, missing tensors {missing[:5]}"
+        )
     if is_enabled(model):
         have = {name for name, _ in paca_layers(model)}
         want = set(meta["layers"])
@@ -221,7 +249,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, device: str | None =
     try:
         for name, layer in paca_layers(model):
             idx = tensors[f"{name}.idx"].to(layer.idx.device)
-            layer.set_columns(idx, tensors[f"{name}.delta"].to(layer.delta.device, layer.delta.dtype))
+            layer.set_columns(
+                idx, tensors[f"{name}.delta"].to(layer.delta.device, layer.delta.dtype)
+            )
         for name, wrapper in _trained_copies(model):
             state = {k: tensors[f"{name}.{k}"] for k in meta["trainable_modules"][name]}
             wrapper.trained.load_state_dict(state)

@@ -17,7 +17,8 @@ class PacaConfig:
 
     Attributes:
         r (int): number of input columns trained per adapted layer.
-        alpha (float): scaling numerator; the trained columns are ``W0[:, idx] + (alpha / r) * delta``.
+        alpha (float): scaling numerator; the trained columns are
+            ``W0[:, idx] + (alpha / r) * delta``.
         target_modules (list[str] | str | None): which linear layers to adapt. A list holds
             name suffixes (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``); a string is
             a regular expression matched against the full module name, or ``"all-linear"``
@@ -57,7 +58,9 @@ class PacaConfig:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
             raise ValueError(f"PacaConfig.alpha must be a number, got alpha={self.alpha!r}")
         if not self.alpha > 0:
-            raise ValueError(f"PacaConfig.alpha must be > 0, got alpha={self.alpha!r}; try alpha=16")
+            raise ValueError(
+                f"PacaConfig.alpha must be > 0, got alpha={self.alpha!r}; try alpha=16"
+            )
         self.alpha = float(self.alpha)
         if self.mode not in MODES:
             raise ValueError(f"PacaConfig.mode={self.mode!r} is not one of {MODES}")

@@ -116,8 +116,12 @@ class PacaLinear(nn.Module):
         weight = base_layer.weight
         device = weight.device
         self.register_buffer("idx", idx.to(device=device, dtype=torch.long))
-        delta_dtype = ops.grad_dtype(weight.dtype) if weight.dtype.is_floating_point else torch.float32
-        self.delta = nn.Parameter(torch.zeros(self.out_features, self.r, dtype=delta_dtype, device=device))
+        delta_dtype = (
+            ops.grad_dtype(weight.dtype) if weight.dtype.is_floating_point else torch.float32
+        )
+        self.delta = nn.Parameter(
+            torch.zeros(self.out_features, self.r, dtype=delta_dtype, device=device)
+        )
         if mode == "merged":
             # W0[:, idx], kept to restore the base model bit-exactly (unload, disable).
             self.register_buffer("base_cols", self._read_cols())
@@ -222,7 +226,9 @@ class PacaLinear(nn.Module):
         if self._disabled:
             return self.base_layer(x, *args, **kwargs)
         if self.mode == "additive":
-            return ops.partial_linear(self.base_layer(x, *args, **kwargs), x, self.delta, self.idx, self.scaling)
+            return ops.partial_linear(
+                self.base_layer(x, *args, **kwargs), x, self.delta, self.idx, self.scaling
+            )
         if not torch.compiler.is_compiling() and self.delta._version != self._synced_version:
             # Safety net for hand edits of delta outside an optimizer step; never taken while
             # compiling (a data-dependent guard), where the optimizer hook does the write.
@@ -237,7 +243,9 @@ class PacaLinear(nn.Module):
         if not (torch.is_grad_enabled() and self.delta.requires_grad):
             # Inference: exactly the frozen layer, nothing gathered or saved.
             return F.linear(x, weight.t() if self.transposed else weight, bias)
-        return ops.merged_linear(x, weight, bias, self.delta, self.idx, self.scaling, self.transposed)
+        return ops.merged_linear(
+            x, weight, bias, self.delta, self.idx, self.scaling, self.transposed
+        )
 
 
 class TrainedCopy(nn.Module):

@@ -31,7 +31,18 @@ _BERT_LIKE = (
 )
 DEFAULT_TARGETS: dict[str, list[str] | str] = {
     **dict.fromkeys(
-        ["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2"],
+        [
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "olmo",
+            "olmo2",
+        ],
         _LLAMA_LIKE,
     ),
     "gpt2": ["c_attn", "c_proj", "c_fc"],
@@ -137,7 +148,8 @@ def _find_targets(model: nn.Module, config: PacaConfig, trainable: list[str]) ->
     if not matched:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
         raise ValueError(
-            f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
+            f"target_modules={config.target_modules!r} "
+            f"(exclude_modules={config.exclude_modules!r}) "
             f"matches no linear layer of {type(model).__name__}; its linear layers end in "
             f"{linear[:20]}. A string is a regular expression matched against full names; pass a "
             "list for name suffixes"
@@ -190,7 +202,9 @@ def _plan(
         if indices is not None:
             idx = indices[name]
         else:
-            idx = select_columns(in_features, config.r, strategy=config.selection, seed=config.seed, name=name)
+            idx = select_columns(
+                in_features, config.r, strategy=config.selection, seed=config.seed, name=name
+            )
         plans.append(_Plan(name, module, idx, mode))
     if hooked:
         warnings.warn(
@@ -245,7 +259,9 @@ def enable(
         defaults = PacaConfig()
         changed = [k for k, v in settings.items() if v != getattr(defaults, k)]
         if changed:
-            raise ValueError(f"pass either config= or keyword settings, not both (got config and {changed})")
+            raise ValueError(
+                f"pass either config= or keyword settings, not both (got config and {changed})"
+            )
     return _enable(model, config)
 
 
@@ -281,7 +297,9 @@ def _enable(
         for param in model.parameters():
             param.requires_grad_(False)
         for plan in plans:
-            _set_submodule(model, plan.name, PacaLinear(plan.module, plan.idx, config.alpha, plan.mode))
+            _set_submodule(
+                model, plan.name, PacaLinear(plan.module, plan.idx, config.alpha, plan.mode)
+            )
             replaced.append((plan.name, plan.module))
         for name in trainable:
             original = model.get_submodule(name)
@@ -320,7 +338,11 @@ def _finish(model: nn.Module, replacement: str) -> nn.Module:
 def _require_adapters(model: nn.Module, action: str) -> bool:
     if is_enabled(model):
         return True
-    warnings.warn(f"{type(model).__name__} has no PaCA adapters; nothing to {action}", UserWarning, stacklevel=3)
+    warnings.warn(
+        f"{type(model).__name__} has no PaCA adapters; nothing to {action}",
+        UserWarning,
+        stacklevel=3,
+    )
     return False
 
 
@@ -338,7 +360,9 @@ def merge(model: nn.Module) -> nn.Module:
         if layer._disabled:
             raise RuntimeError(f"cannot merge inside paca.disabled(): {name} is disabled")
         if not torch.isfinite(layer.delta).all():
-            raise ValueError(f"delta of {name} holds NaN or inf; refusing to merge (model unchanged)")
+            raise ValueError(
+                f"delta of {name} holds NaN or inf; refusing to merge (model unchanged)"
+            )
         if layer.mode == "additive":
             weight = layer.base_layer.weight
             if type(weight.data) is not torch.Tensor or not weight.dtype.is_floating_point:

@@ -39,7 +39,8 @@ def _(x: Tensor, idx: Tensor) -> Tensor:
 
 @torch.library.custom_op("paca::scatter_cols", mutates_args=())
 def scatter_cols(cols: Tensor, idx: Tensor, in_features: int) -> Tensor:
-    """Inverse of ``gather_cols`` for gradients: ``cols (..., r)`` -> ``(..., in)``, zeros elsewhere."""
+    """Inverse of ``gather_cols`` for gradients: ``cols (..., r)`` -> ``(..., in)``, zeros
+    elsewhere."""
     out = cols.new_zeros((*cols.shape[:-1], in_features))
     return out.index_copy_(-1, idx, cols)
 
@@ -179,7 +180,9 @@ class _PartialLinear(torch.autograd.Function):
         return grad_out, grad_x, grad_delta, None, None
 
 
-def partial_linear(base_out: Tensor, x: Tensor, delta: Tensor, idx: Tensor, scaling: float) -> Tensor:
+def partial_linear(
+    base_out: Tensor, x: Tensor, delta: Tensor, idx: Tensor, scaling: float
+) -> Tensor:
     """Adds the PaCA update to a base layer's output.
 
     Args:

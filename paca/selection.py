@@ -38,7 +38,11 @@ def select_columns(
         torch.Tensor: sorted int64 indices of shape ``(r,)`` on the CPU.
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown selection strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
+        raise ValueError(
+            f"unknown selection strategy {strategy!r}; choose one of {sorted(STRATEGIES)}"
+        )
     if not 1 <= r <= in_features:
-        raise ValueError(f"r={r} is out of range for {name or 'a layer'} with in_features={in_features}")
+        raise ValueError(
+            f"r={r} is out of range for {name or 'a layer'} with in_features={in_features}"
+        )
     return STRATEGIES[strategy](in_features, r, seed=seed, name=name)

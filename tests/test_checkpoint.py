@@ -50,7 +50,9 @@ def test_load_replaces_the_adapter_of_an_adapted_model(tmp_path):
     paca.load_adapter(other, tmp_path / "a")
     assert torch.equal(other(ids).logits, expected)
     paca.unload(other)
-    assert torch.equal(other(ids).logits, tiny_llama()(ids).logits), "unload after load restores the base"
+    assert torch.equal(other(ids).logits, tiny_llama()(ids).logits), (
+        "unload after load restores the base"
+    )
 
 
 def test_trainable_head_is_saved_and_loaded(tmp_path):
@@ -88,7 +90,9 @@ def _expect_refusal(model, path, message):
 def test_adapter_of_another_model_is_refused(tmp_path):
     paca.save_adapter(trained(), tmp_path / "a")
     wider = tiny_llama(hidden_size=48, intermediate_size=64)
-    _expect_refusal(wider, tmp_path / "a", r"is \(in=32, out=32\) but the model's is \(in=48, out=48\)")
+    _expect_refusal(
+        wider, tmp_path / "a", r"is \(in=32, out=32\) but the model's is \(in=48, out=48\)"
+    )
     _expect_refusal(tiny_gpt2(), tmp_path / "a", "does not exist in GPT2LMHeadModel")
     adapted = paca.enable(tiny_llama(), r=2)
     _expect_refusal(adapted, tmp_path / "a", "has r=2 in the model, r=4 in")

@@ -9,7 +9,9 @@ from paca import PacaConfig
 
 
 def test_json_round_trip_copy_and_pickle(tmp_path):
-    config = PacaConfig(r=16, alpha=32, target_modules=["q_proj", "v_proj"], device=torch.device("cpu"))
+    config = PacaConfig(
+        r=16, alpha=32, target_modules=["q_proj", "v_proj"], device=torch.device("cpu")
+    )
     assert config.device == "cpu" and config.scaling == 2.0
     assert PacaConfig.from_json(config.to_json()) == config
     config.save(tmp_path / "c.json")

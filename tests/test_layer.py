@@ -32,7 +32,7 @@ def make_layer(kind="linear", mode="merged", bias=True, dtype=torch.float64, see
 
 
 def dense_reference(x, w0, b0, idx, delta, scaling):
-    """y, grad_x, grad_delta of ``x @ W_eff.T + b`` with ``W_eff[:, idx] = W0[:, idx] + s*delta``."""
+    """``x @ W_eff.T + b`` with ``W_eff[:, idx] = W0[:, idx] + s * delta``, and its leaves."""
     x = x.detach().to(torch.float64).requires_grad_(True)
     delta = delta.detach().to(torch.float64).requires_grad_(True)
     w0 = w0.to(torch.float64)
@@ -68,7 +68,10 @@ def test_gradcheck_additive_layer(kind):
     layer, *_ = make_layer(kind, "additive")
     x = torch.randn(2, 3, IN, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,))
-    assert torch.autograd.gradcheck(lambda x, d: paca.ops.partial_linear(layer.base_layer(x), x, d, layer.idx, 2.0), (x, layer.delta))
+    assert torch.autograd.gradcheck(
+        lambda x, d: paca.ops.partial_linear(layer.base_layer(x), x, d, layer.idx, 2.0),
+        (x, layer.delta),
+    )
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -150,7 +153,9 @@ def test_saves_only_r_input_columns(mode, kind):
     x = torch.randn(2, 6, IN, requires_grad=True)
     shapes = _saved_tensor_shapes(layer, x)
     assert (2, 6, R) in shapes, shapes
-    assert all(s[-1] != IN for s in shapes if s), f"a tensor with last dim in_features was saved: {shapes}"
+    assert all(s[-1] != IN for s in shapes if s), (
+        f"a tensor with last dim in_features was saved: {shapes}"
+    )
 
 
 class _OpCounter(TorchDispatchMode):

@@ -49,16 +49,26 @@ def test_llama_defaults_equal_base_at_init_and_train(mode):
     layers = paca.paca_layers(model)
     assert len(layers) == 2 * 7
     assert {n.rsplit(".", 1)[-1] for n, _ in layers} == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
     }
     assert all(layer.mode == mode for _, layer in layers)
     assert torch.equal(model(ids).logits, base), "the adapted model must equal the base at step 0"
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith(".delta") for n in trainable)
-    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    frozen_before = {
+        n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad
+    }
     losses = train(model)
     assert losses[-1] < losses[0] - 0.05, losses
-    assert all(layer.delta.abs().sum() > 0 for _, layer in layers), "every adapter must receive gradients"
+    assert all(layer.delta.abs().sum() > 0 for _, layer in layers), (
+        "every adapter must receive gradients"
+    )
     paca.unload(model)
     # merged mode wrote into the weights and unload restored them: bit-exact base again
     for n, p in model.named_parameters():
@@ -77,7 +87,9 @@ def test_gpt2_conv1d_targets_train_and_merge():
     paca.enable(model, r=4)
     layers = paca.paca_layers(model)
     assert len(layers) == 2 * 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj
-    assert all(isinstance(layer.base_layer, Conv1D) and layer.mode == "merged" for _, layer in layers)
+    assert all(
+        isinstance(layer.base_layer, Conv1D) and layer.mode == "merged" for _, layer in layers
+    )
     assert torch.equal(model(ids).logits, base)
     losses = train(model)
     assert losses[-1] < losses[0]
@@ -138,14 +150,26 @@ def test_all_linear_skips_output_head_and_regex_and_exclude():
     [
         (dict(r=0), "r must be a positive integer, got r=0"),
         (dict(r=-3), "got r=-3"),
-        (dict(r=40, target_modules=["q_proj", "down_proj"]), r"r=40 exceeds in_features=32 of model.layers.0.self_attn.q_proj; choose r <= 32"),
+        (
+            dict(r=40, target_modules=["q_proj", "down_proj"]),
+            r"r=40 exceeds in_features=32 of model.layers.0.self_attn.q_proj; choose r <= 32",
+        ),
         (dict(device="tpu"), "device='tpu' is not a device"),
-        (dict(target_modules=["nope"]), r"matches no linear layer of LlamaForCausalLM; its linear layers end in"),
+        (
+            dict(target_modules=["nope"]),
+            r"matches no linear layer of LlamaForCausalLM; its linear layers end in",
+        ),
         (dict(target_modules="q_proj"), "A string is a regular expression"),
-        (dict(target_modules=["mlp"]), r"target model.layers.0.mlp is a LlamaMLP, not a linear layer"),
+        (
+            dict(target_modules=["mlp"]),
+            r"target model.layers.0.mlp is a LlamaMLP, not a linear layer",
+        ),
         (dict(mode="fast"), "mode='fast' is not one of"),
         (dict(selection="best"), "selection='best' is unknown"),
-        (dict(trainable_modules=["classifier"]), "trainable_modules entry 'classifier' matches no module"),
+        (
+            dict(trainable_modules=["classifier"]),
+            "trainable_modules entry 'classifier' matches no module",
+        ),
         (dict(alpha=0), "alpha must be > 0"),
     ],
 )
@@ -163,14 +187,20 @@ def test_unavailable_cuda_is_refused_before_anything_changes():
     model = tiny_llama()
     state = snapshot(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    with pytest.raises(ValueError, match=r"device='cuda' is not available here: torch.cuda.is_available\(\) is False"):
+    with pytest.raises(
+        ValueError,
+        match=r"device='cuda' is not available here: torch.cuda.is_available\(\) is False",
+    ):
         paca.enable(model, device="cuda")
     assert_unchanged(model, state, flags)
 
 
 def test_unknown_architecture_needs_targets():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-    with pytest.raises(ValueError, match="no default target_modules for a Sequential; pass target_modules='all-linear'"):
+    with pytest.raises(
+        ValueError,
+        match="no default target_modules for a Sequential; pass target_modules='all-linear'",
+    ):
         paca.enable(model)
     paca.enable(model, r=2, target_modules=["0", "2"])
     assert len(paca.paca_layers(model)) == 2
@@ -221,7 +251,10 @@ def test_merge_gives_plain_layers_with_identical_outputs_and_unload_restores():
     assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
     torch.testing.assert_close(model(ids).logits, adapted, rtol=1e-5, atol=1e-5)
     assert all(p.requires_grad for p in model.parameters()), "flags as before enable"
-    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, base_state["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        model.model.layers[0].self_attn.q_proj.weight,
+        base_state["model.layers.0.self_attn.q_proj.weight"],
+    )
     with pytest.warns(UserWarning, match="no PaCA adapters; nothing to merge"):
         paca.merge(model)
 
@@ -232,7 +265,9 @@ def test_merge_refuses_non_finite_adapter_and_keeps_the_model():
     with torch.no_grad():
         layer.delta[0, 0] = float("nan")
     before = snapshot(model)
-    with pytest.raises(ValueError, match="delta of model.layers.1.mlp.up_proj holds NaN or inf; refusing"):
+    with pytest.raises(
+        ValueError, match="delta of model.layers.1.mlp.up_proj holds NaN or inf; refusing"
+    ):
         paca.merge(model)
     after = model.state_dict()
     assert len(paca.paca_layers(model)) == 14
@@ -273,7 +308,9 @@ def test_generate_and_inputs_embeds():
 def test_hooks_are_honoured_in_auto_mode_and_warned_in_merged():
     model = tiny_llama()
     seen = []
-    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda m, i, o: seen.append(o.shape)
+    )
     paca.enable(model, r=2)
     modes = dict((n, layer.mode) for n, layer in paca.paca_layers(model))
     assert modes["model.layers.0.self_attn.q_proj"] == "additive"
@@ -298,7 +335,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant, mode):
                 layer.delta.normal_(std=0.1)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": reentrant}
+            )
             if reentrant:
                 model.enable_input_require_grads()
         model(ids, labels=ids).loss.backward()

@@ -55,9 +55,9 @@ def _reference(name, args):
     if name == "partial_grad":
         g, x_idx, s = x
         dt = ops.grad_dtype(g.dtype)
-        return s * g.reshape(-1, g.shape[-1]).to(torch.float64).t() @ x_idx.reshape(-1, x_idx.shape[-1]).to(
-            torch.float64
-        ), dt
+        return s * g.reshape(-1, g.shape[-1]).to(torch.float64).t() @ x_idx.reshape(
+            -1, x_idx.shape[-1]
+        ).to(torch.float64), dt
     raise AssertionError(name)
 
 
@@ -69,7 +69,9 @@ def test_backend_kernels_on_cpu_tensors(backend, dtype):
     k = module.KERNELS
     assert torch.equal(k["gather_cols"](x, idx), _reference("gather_cols", (x, idx)))
     x_idx = x.index_select(-1, idx)
-    assert torch.equal(k["scatter_cols"](x_idx, idx, 16), _reference("scatter_cols", (x_idx, idx, 16)))
+    assert torch.equal(
+        k["scatter_cols"](x_idx, idx, 16), _reference("scatter_cols", (x_idx, idx, 16))
+    )
     w = weight.clone()
     k["write_cols_"](w, idx, cols, 1)
     expected = weight.clone()
@@ -85,7 +87,9 @@ def test_backend_kernels_on_cpu_tensors(backend, dtype):
     torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
     # 2-D inputs (a batch of tokens already flattened)
     got2 = k["partial_grad"](g[0], x_idx[0], 1.0)
-    torch.testing.assert_close(got2.double(), _reference("partial_grad", (g[0], x_idx[0], 1.0))[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(
+        got2.double(), _reference("partial_grad", (g[0], x_idx[0], 1.0))[0], rtol=tol, atol=tol
+    )
 
 
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA", "hpu": "HPU"}

@@ -31,7 +31,9 @@ def load(device_type: str) -> ModuleType:
     load every backend on a CPU-only machine and call its kernels on CPU tensors.
     """
     if device_type not in _MODULES:
-        raise ValueError(f"paca has no backend for device type {device_type!r}; known: {sorted(_MODULES)}")
+        raise ValueError(
+            f"paca has no backend for device type {device_type!r}; known: {sorted(_MODULES)}"
+        )
     if device_type not in _loaded:
         module = importlib.import_module(_MODULES[device_type])
         for name, kernel in module.KERNELS.items():
@@ -46,7 +48,10 @@ def loaded() -> list[str]:
 
 def _hpu_available() -> bool:
     # Only probe Gaudi when its plugin is installed; importing it registers torch.hpu.
-    if "habana_frameworks" not in sys.modules and importlib.util.find_spec("habana_frameworks") is None:
+    if (
+        "habana_frameworks" not in sys.modules
+        and importlib.util.find_spec("habana_frameworks") is None
+    ):
         return False
     importlib.import_module("habana_frameworks.torch")
     return hasattr(torch, "hpu") and torch.hpu.is_available()
@@ -83,12 +88,16 @@ def resolve_device(device: str | torch.device, current: torch.device | None = No
             f"device={text!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'hpu'"
         ) from exc
     if resolved.type not in _MODULES:
-        raise ValueError(f"device={text!r} has no paca backend; use one of 'auto', {sorted(_MODULES)}")
+        raise ValueError(
+            f"device={text!r} has no paca backend; use one of 'auto', {sorted(_MODULES)}"
+        )
     if not is_available(resolved.type):
         hint = {
             "cuda": "torch.cuda.is_available() is False (no GPU, or a CPU build of torch)",
             "hpu": "habana_frameworks is not installed or sees no Gaudi (it ships only in "
             "Intel's Gaudi images, not on PyPI)",
         }[resolved.type]
-        raise ValueError(f"device={text!r} is not available here: {hint}; use device='cpu' or 'auto'")
+        raise ValueError(
+            f"device={text!r} is not available here: {hint}; use device='cpu' or 'auto'"
+        )
     return resolved

@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+set -euo pipefail
+ruff check .
+ruff format --check .
