@@ -168,8 +168,9 @@ class PacaLinear(nn.Module):
                 ops.write_cols_(weight, self.idx, cols, 1)
 
     def _merged_cols(self) -> torch.Tensor:
-        base = self.base_cols.to(self.delta.dtype)
-        return (base + self.scaling * self.delta.detach()).to(self.base_layer.weight.dtype)
+        with torch.no_grad():  # one fused op: base + scaling * delta, no detach needed
+            cols = torch.add(self.base_cols.to(self.delta.dtype), self.delta, alpha=self.scaling)
+        return cols.to(self.base_layer.weight.dtype)
 
     def sync_weight(self, force: bool = False) -> None:
         """Merged mode: re-writes the trained columns if ``delta`` changed since the last write."""

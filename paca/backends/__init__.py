@@ -37,7 +37,7 @@ def load(device_type: str) -> ModuleType:
     if device_type not in _loaded:
         module = importlib.import_module(_MODULES[device_type])
         for name, kernel in module.KERNELS.items():
-            ops.OPS[name].register_kernel(device_type)(kernel)
+            ops.register_kernel(name, device_type, kernel)
         _loaded[device_type] = module
     return _loaded[device_type]
 
@@ -101,3 +101,22 @@ def resolve_device(device: str | torch.device, current: torch.device | None = No
             f"device={text!r} is not available here: {hint}; use device='cpu' or 'auto'"
         )
     return resolved
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for queued work on ``device`` (for timing); a no-op on the CPU."""
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize(device)
+
+
+def device_memory(device: torch.device) -> dict[str, int] | None:
+    """Peak bytes allocated on an accelerator since the last reset, or ``None`` on the CPU."""
+    if device.type == "cpu":
+        return None
+    module = getattr(torch, device.type)
+    return {"max_memory_allocated": int(module.max_memory_allocated(device))}
+
+
+def reset_device_memory(device: torch.device) -> None:
+    if device.type != "cpu":
+        getattr(torch, device.type).reset_peak_memory_stats(device)
