@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -296,32 +297,14 @@ def _memory_in_subprocess(method: str, cfg: BenchConfig) -> dict:
 
 def parse_bytes(text: str) -> int:
     """``"4GiB"``, ``"512MiB"``, ``"2GB"``, ``"1000000"`` -> bytes."""
-    units = {
-        "kib": 2**10,
-        "mib": 2**20,
-        "gib": 2**30,
-        "tib": 2**40,
-        "kb": 10**3,
-        "mb": 10**6,
-        "gb": 10**9,
-        "b": 1,
-    }
-    lowered = text.strip().lower()
-    for unit, factor in units.items():
-        if lowered.endswith(unit):
-            number = lowered[: -len(unit)].strip()
-            break
-    else:
-        number, factor = lowered, 1
-    try:
-        value = float(number)
-    except ValueError:
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+    units |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*", text.lower())
+    if not match or match.group(2) not in units or float(match.group(1)) <= 0:
         raise ValueError(
-            f"memory budget {text!r} is not a size; write it like 4GiB or 512MiB"
-        ) from None
-    if value <= 0:
-        raise ValueError(f"memory budget {text!r} must be positive")
-    return int(value * factor)
+            f"memory budget {text!r} is not a positive size; write it like 4GiB or 512MiB"
+        )
+    return int(float(match.group(1)) * units[match.group(2)])
 
 
 def max_seq(
@@ -520,7 +503,8 @@ def write_report(report: dict, output: Path, plot: bool = False) -> None:
     cfg = report["config"]
     lines = [
         f"# paca bench: {cfg['model']} hidden {cfg['hidden']}, {cfg['layers']} layers, "
-        f"seq {cfg['seq']}, batch {cfg['batch']}, r {cfg['r']}, {cfg['dtype']} on {report['machine']['device']}",
+        f"seq {cfg['seq']}, batch {cfg['batch']}, r {cfg['r']}, {cfg['dtype']} "
+        f"on {report['machine']['device']}",
         "",
         table(report),
         "",

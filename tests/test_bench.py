@@ -1,0 +1,121 @@
+"""paca bench: structure of the results (never timings)."""
+
+import json
+
+import pytest
+import torch
+
+from paca import bench
+from paca.cli import main
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    return bench.run(bench.BenchConfig.quick(output=str(out), plot=True), progress=False), out
+
+
+def test_quick_run_has_every_method_and_the_schema(quick_report):
+    report, out = quick_report
+    assert list(report["methods"]) == list(bench.METHODS)
+    keys = {
+        "step_ms", "x_frozen", "x_lora", "saved_bytes", "saved_x_frozen", "saved_x_lora",
+        "aten_ops", "aten_view_ops", "extra_ops", "trainable_params", "memory",
+    }  # fmt: skip
+    for row in report["methods"].values():
+        assert set(row) == keys
+        assert row["step_ms"] > 0 and row["aten_ops"] > 0
+    assert set(report["machine"]) >= {"torch", "device", "cpu_count"}
+    assert set(report["bar"]) and all(
+        {"value", "limit", "met"} <= set(c) for c in report["bar"].values()
+    )
+    on_disk = json.loads((out / "bench.json").read_text())
+    assert on_disk["methods"].keys() == report["methods"].keys()
+    assert "| paca |" in (out / "bench.md").read_text()
+    assert (out / "bench.png").stat().st_size > 1000
+
+
+def test_quick_run_structure_paca_against_lora(quick_report):
+    rows = quick_report[0]["methods"]
+    assert rows["frozen"]["trainable_params"] == 0
+    assert rows["paca"]["saved_bytes"] < rows["lora"]["saved_bytes"]
+    assert rows["paca"]["saved_bytes"] >= rows["frozen"]["saved_bytes"]
+    assert 0 < rows["paca"]["extra_ops"] < rows["lora"]["extra_ops"]
+    # delta is out x r for each of the 7 projections of 2 layers: q, k, v, o and down have
+    # hidden outputs, gate and up have the MLP width
+    config = bench.build_model(bench.BenchConfig.quick()).config
+    expected = 2 * 8 * (5 * config.hidden_size + 2 * config.intermediate_size)
+    assert rows["paca"]["trainable_params"] == expected
+
+
+def test_op_counter_counts_the_kernels_of_paca_ops():
+    x, idx = torch.randn(4, 6), torch.tensor([0, 2])
+    with bench.OpCounter("cpu") as counter:
+        torch.ops.paca.gather_cols(x, idx)
+    assert counter.ops == 1  # index_select
+    with bench.OpCounter("cpu") as counter:
+        x.index_select(-1, idx)
+        x.sum()
+    assert counter.ops == 2
+
+
+def test_saved_bytes_counts_each_storage_once():
+    layer = torch.nn.Linear(8, 8)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, inputs_embeds, labels):
+            h = torch.tanh(inputs_embeds)
+            out = self.layer(h) * h  # h saved twice (by linear and mul): counted once
+            return type("Out", (), {"loss": out.sum()})
+
+    embeds = torch.randn(3, 8)
+    saved = bench.saved_bytes(Model(), None, embeds, None)
+    # tanh saves its output h; linear saves h again (same storage); mul saves h and the linear
+    # output: two storages in all
+    assert saved == 2 * 3 * 8 * 4
+
+
+def test_max_seq_bisection(monkeypatch):
+    calls = []
+
+    def fake(method, cfg):
+        calls.append((method, cfg.seq))
+        per_token = {"paca": 1000, "lora": 1300}[method]
+        return {"used": 50_000 + per_token * cfg.seq}
+
+    monkeypatch.setattr(bench, "_memory_in_subprocess", fake)
+    cfg = bench.BenchConfig.quick(methods=["paca", "lora"])
+    result = bench.max_seq(cfg, budget=1_000_000, step=16, progress=False)
+    assert result["methods"]["paca"]["max_seq"] == 944  # largest multiple of 16 <= 950
+    assert result["methods"]["lora"]["max_seq"] == 720  # <= 730.7
+    assert result["methods"]["paca"]["x_lora"] == pytest.approx(944 / 720)
+
+
+def test_memory_worker_runs_in_a_subprocess():
+    result = bench._memory_in_subprocess("paca", bench.BenchConfig.quick(seq=16))
+    assert "error" not in result, result
+    assert result["used"] > 0 and result["peak_rss"] >= result["used"]
+
+
+def test_cli_quick_and_bad_input(tmp_path, capsys):
+    assert main(["bench", "--quick", "--methods", "frozen,paca", "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| paca |" in out and (tmp_path / "bench.json").is_file()
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--quick", "--methods", "paca,qlora"])
+    assert exc.value.code == 2
+    assert "unknown bench methods ['qlora']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--max-seq", "--memory-budget", "lots"])
+    assert exc.value.code == 2
+    assert "memory budget 'lots' is not a positive size" in capsys.readouterr().err
+
+
+def test_parse_bytes():
+    assert bench.parse_bytes("4GiB") == 4 * 2**30
+    assert bench.parse_bytes("1.5 MiB") == int(1.5 * 2**20)
+    assert bench.parse_bytes("2GB") == 2 * 10**9
