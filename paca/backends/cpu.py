@@ -1,21 +1,8 @@
-"""CPU kernels. They are also the reference the CUDA and HPU kernels are tested against."""
+"""CPU kernels. Ops not listed here run their reference kernel from ``paca/ops.py``."""
 
 import torch
 
 from paca.ops import grad_dtype
-
-
-def gather_cols(x, idx):
-    return torch.index_select(x, -1, idx)  # (..., r), contiguous
-
-
-def scatter_cols(cols, idx, in_features):
-    out = cols.new_zeros((*cols.shape[:-1], in_features))
-    return out.index_copy_(-1, idx, cols)
-
-
-def write_cols_(weight, idx, cols, dim):
-    weight.index_copy_(dim, idx, cols.to(weight.dtype))
 
 
 def partial_grad(grad_out, x_idx, scaling):
@@ -31,9 +18,4 @@ def partial_grad(grad_out, x_idx, scaling):
     return torch.mm(x2d.t(), g2d).mul_(scaling).t().contiguous()
 
 
-KERNELS = {
-    "gather_cols": gather_cols,
-    "scatter_cols": scatter_cols,
-    "write_cols_": write_cols_,
-    "partial_grad": partial_grad,
-}
+KERNELS = {"partial_grad": partial_grad}

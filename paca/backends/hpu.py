@@ -1,7 +1,8 @@
 """Intel Gaudi (HPU) kernels: static shapes only, no host syncs.
 
 They are torch code, so the tests run them on CPU tensors; on a Gaudi they run through the
-Habana PyTorch bridge (lazy or eager mode) and each call lowers into the surrounding graph.
+Habana PyTorch bridge (lazy or eager mode) and lower into the surrounding graph. Ops not
+listed here run their reference kernel from ``paca/ops.py``.
 """
 
 import torch
@@ -9,19 +10,10 @@ import torch
 from paca.ops import grad_dtype
 
 
-def gather_cols(x, idx):
-    # index_select along the last dim keeps the output shape a function of input shapes only.
-    return torch.index_select(x, -1, idx)
-
-
 def scatter_cols(cols, idx, in_features):
-    # index_add on zeros lowers to one scatter node in the Gaudi graph compiler.
+    # index_add on zeros lowers to a single scatter-add node in the Gaudi graph compiler.
     out = cols.new_zeros((*cols.shape[:-1], in_features))
     return out.index_add_(-1, idx, cols)
-
-
-def write_cols_(weight, idx, cols, dim):
-    weight.index_copy_(dim, idx, cols.to(weight.dtype))
 
 
 def partial_grad(grad_out, x_idx, scaling):
@@ -32,9 +24,4 @@ def partial_grad(grad_out, x_idx, scaling):
     return product.to(grad_dtype(grad_out.dtype)) * scaling
 
 
-KERNELS = {
-    "gather_cols": gather_cols,
-    "scatter_cols": scatter_cols,
-    "write_cols_": write_cols_,
-    "partial_grad": partial_grad,
-}
+KERNELS = {"scatter_cols": scatter_cols, "partial_grad": partial_grad}
