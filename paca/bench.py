@@ -245,15 +245,26 @@ def saved_bytes(model, optimizer, embeds, labels) -> int:
     return sum(seen.values())
 
 
-def _rss_bytes() -> int:
+def _proc_status_bytes(field_name: str) -> int | None:
     try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE")
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
     except (OSError, ValueError, IndexError):
-        return 0
+        pass
+    return None
+
+
+def _rss_bytes() -> int:
+    return _proc_status_bytes("VmRSS") or 0
 
 
 def _peak_rss_bytes() -> int:
+    # VmHWM belongs to this address space. ru_maxrss would not do: Linux carries it over
+    # fork and exec, so a worker started by a large parent would report the parent's peak.
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -265,6 +276,14 @@ def measure_memory(method: str, cfg: BenchConfig, steps: int = 2) -> dict:
     peak resident memory above the interpreter and its libraries (measured before the model
     is built).
     """
+    # Import what any method may use before the baseline, so library code is not counted
+    # against the method that happens to import it (peft for LoRA).
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        pass
     baseline = _rss_bytes()
     device = backends.resolve_device(cfg.device)
     base = build_model(cfg)
