@@ -14,11 +14,15 @@ from paca.config import PacaConfig
 from paca.layer import PacaLinear
 from paca.model import (
     ParameterCount,
+    adapter_names,
+    add_adapter,
+    delete_adapter,
     disabled,
     enable,
     merge,
     paca_layers,
     print_trainable_parameters,
+    set_adapter,
     trainable_parameters,
     unload,
 )
@@ -31,6 +35,10 @@ _backends.load("cpu")
 
 __all__ = [
     "PacaConfig",
+    "adapter_names",
+    "add_adapter",
+    "delete_adapter",
+    "set_adapter",
     "PacaLinear",
     "ParameterCount",
     "disabled",

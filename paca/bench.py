@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import paca
-from paca import backends
+from paca import backends, ops
 
 METHODS = ("frozen", "paca", "paca-additive", "lora", "dora", "full")
 ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -202,7 +202,7 @@ class OpCounter(TorchDispatchMode):
 
     def __init__(self, device_type: str):
         super().__init__()
-        self.kernels = backends.load(device_type).KERNELS
+        self.kernels = ops.REFERENCE | backends.load(device_type).KERNELS
         self.ops = 0
         self.views = 0
 

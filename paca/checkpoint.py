@@ -19,7 +19,18 @@ from torch import nn
 
 from paca.config import PacaConfig
 from paca.layer import is_linear, linear_shape
-from paca.model import _CONFIG_ATTR, _enable, _trained_copies, is_enabled, paca_layers, unload
+from paca.model import (
+    _ACTIVE_ATTR,
+    _CONFIGS_ATTR,
+    _add_adapter,
+    _enable,
+    _trained_copies,
+    adapter_names,
+    delete_adapter,
+    is_enabled,
+    paca_layers,
+    unload,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -31,35 +42,53 @@ def _base_model_name(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Writes the adapter of ``model`` into directory ``path`` (created if needed).
+def _layers_of(model: nn.Module, adapter_name: str):
+    return [
+        (n, layer, layer.adapters[adapter_name])
+        for n, layer in paca_layers(model)
+        if adapter_name in layer.adapters
+    ]
 
-    Files are written under temporary names and moved into place, so an interrupted save never
-    leaves a half-written adapter behind.
+
+def _copies_of(model: nn.Module, adapter_name: str):
+    return [
+        (n, w.copies[adapter_name]) for n, w in _trained_copies(model) if adapter_name in w.copies
+    ]
+
+
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None
+) -> Path:
+    """Writes one adapter of ``model`` (default: the active one) into directory ``path``.
+
+    The directory is created if needed. Files are written under temporary names and moved into
+    place, so an interrupted save never leaves a half-written adapter behind.
 
     Returns:
         Path: the directory.
     """
-    layers = paca_layers(model)
-    if not layers:
+    if not is_enabled(model):
         raise ValueError(
             f"{type(model).__name__} has no PaCA adapters to save; call paca.enable first"
         )
-    config: PacaConfig = getattr(model, _CONFIG_ATTR)
+    adapter_name = adapter_name or getattr(model, _ACTIVE_ATTR)
+    if adapter_name not in adapter_names(model):
+        raise ValueError(f"no adapter named {adapter_name!r}; the model has {adapter_names(model)}")
+    config: PacaConfig = getattr(model, _CONFIGS_ATTR)[adapter_name]
     tensors: dict[str, torch.Tensor] = {}
     layer_info = {}
-    for name, layer in layers:
-        tensors[f"{name}.delta"] = layer.delta.detach().to("cpu").contiguous()
-        tensors[f"{name}.idx"] = layer.idx.detach().to("cpu").contiguous()
+    for name, layer, adapter in _layers_of(model, adapter_name):
+        tensors[f"{name}.delta"] = adapter.delta.detach().to("cpu").contiguous()
+        tensors[f"{name}.idx"] = adapter.idx.detach().to("cpu").contiguous()
         layer_info[name] = {
             "in_features": layer.in_features,
             "out_features": layer.out_features,
-            "r": layer.r,
+            "r": adapter.r,
             "mode": layer.mode,
         }
     trained = {}
-    for name, wrapper in _trained_copies(model):
-        state = wrapper.trained.state_dict()
+    for name, module in _copies_of(model, adapter_name):
+        state = module.state_dict()
         trained[name] = sorted(state)
         for key, value in state.items():
             tensors[f"{name}.{key}"] = value.detach().to("cpu").contiguous().clone()
@@ -68,6 +97,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "format_version": FORMAT_VERSION,
         "paca_version": _paca_version(),
         "base_model_name_or_path": _base_model_name(model),
+        "adapter_name": adapter_name,
         "config": config.to_dict(),
         "layers": layer_info,
         "trainable_modules": trained,
@@ -135,7 +165,13 @@ def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
-def _check(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], source: Path) -> None:
+def _check(
+    model: nn.Module,
+    meta: dict,
+    tensors: dict[str, torch.Tensor],
+    source: Path,
+    replacing: str | None,
+) -> None:
     """Every check that can fail, before the model is touched."""
     config = meta["config"]
     r = config.get("r")
@@ -185,7 +221,7 @@ def _check(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], sourc
             raise ValueError(
                 f"trainable module {name} from {source} does not exist in the model"
             ) from None
-        module = getattr(module, "trained", module)
+        module = getattr(module, "original", module)
         state = module.state_dict()
         if sorted(state) != sorted(keys):
             raise ValueError(
@@ -203,33 +239,45 @@ def _check(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], sourc
         raise ValueError(
             f"{source}: unexpected tensors {unexpected[:5]}, missing tensors {missing[:5]}"
         )
-    if is_enabled(model):
-        have = {name for name, _ in paca_layers(model)}
-        want = set(meta["layers"])
+    if replacing is not None:
+        layers = {name: adapter for name, _, adapter in _layers_of(model, replacing)}
+        have, want = set(layers), set(meta["layers"])
         if have != want:
             raise ValueError(
-                f"the model's PaCA layers differ from {source}: only in the model "
-                f"{sorted(have - want)[:5]}, only in the adapter {sorted(want - have)[:5]}"
+                f"the layers of adapter {replacing!r} differ from {source}: only in the model "
+                f"{sorted(have - want)[:5]}, only in the file {sorted(want - have)[:5]}"
             )
-        layers = dict(paca_layers(model))
         for name in want:
             if layers[name].r != r:
                 raise ValueError(f"{name} has r={layers[name].r} in the model, r={r} in {source}")
-        if {n for n, _ in _trained_copies(model)} != set(meta["trainable_modules"]):
-            raise ValueError(f"the model's trained modules differ from {source}")
+        if {n for n, _ in _copies_of(model, replacing)} != set(meta["trainable_modules"]):
+            raise ValueError(f"the trained modules of adapter {replacing!r} differ from {source}")
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, device: str | None = None) -> nn.Module:
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str | None = None,
+    device: str | None = None,
+) -> nn.Module:
     """Loads an adapter saved by ``save_adapter``.
 
-    On a model without PaCA, adapts it with the saved settings and column indices (no RNG is
-    used, so the outputs are those of the saved model); on an adapted model of the same layout,
-    replaces its adapter. Every check runs before the model is touched.
+    * On a model without PaCA: adapts it with the saved settings and column indices (no RNG is
+      used, so the outputs are those of the saved model); the adapter is named ``adapter_name``
+      (default ``"default"``) and active.
+    * On an adapted model, with ``adapter_name`` ``None`` or an existing name: replaces the
+      values of that adapter (default: the active one); its layers and shapes must match.
+    * With a new ``adapter_name``: adds the adapter beside the others, not active
+      (``paca.set_adapter`` switches).
+
+    Every check runs before the model is touched.
 
     Args:
         model (nn.Module): the base model (or a model adapted the same way).
         path: the adapter directory.
-        device (str | None): overrides the saved ``device`` setting (default: ``"auto"``).
+        adapter_name (str | None): see above.
+        device (str | None): overrides the saved ``device`` setting (default: ``"auto"``);
+            only used when the model has no PaCA yet.
 
     Returns:
         nn.Module: the same model object.
@@ -241,22 +289,33 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, device: str | None =
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{directory / ADAPTER_CONFIG}: {exc}") from exc
     config = dataclasses.replace(config, device=device or "auto")
-    _check(model, meta, tensors, directory)
     fresh = not is_enabled(model)
     if fresh:
-        indices = {name: tensors[f"{name}.idx"] for name in meta["layers"]}
-        _enable(model, config, targets=list(meta["layers"]), indices=indices)
+        action, name = "enable", adapter_name or "default"
+    elif adapter_name is None or adapter_name in adapter_names(model):
+        action, name = "replace", adapter_name or getattr(model, _ACTIVE_ATTR)
+    else:
+        action, name = "add", adapter_name
+    _check(model, meta, tensors, directory, replacing=name if action == "replace" else None)
+    indices = {layer: tensors[f"{layer}.idx"] for layer in meta["layers"]}
+    if action == "enable":
+        _enable(model, config, targets=list(meta["layers"]), indices=indices, adapter_name=name)
+    elif action == "add":
+        _add_adapter(model, name, config, targets=list(meta["layers"]), indices=indices)
     try:
-        for name, layer in paca_layers(model):
-            idx = tensors[f"{name}.idx"].to(layer.idx.device)
-            layer.set_columns(
-                idx, tensors[f"{name}.delta"].to(layer.delta.device, layer.delta.dtype)
-            )
-        for name, wrapper in _trained_copies(model):
-            state = {k: tensors[f"{name}.{k}"] for k in meta["trainable_modules"][name]}
-            wrapper.trained.load_state_dict(state)
+        for layer_name, layer, adapter in _layers_of(model, name):
+            idx = tensors[f"{layer_name}.idx"].to(adapter.idx.device)
+            delta = tensors[f"{layer_name}.delta"].to(adapter.delta.device, adapter.delta.dtype)
+            layer.set_columns(idx, delta, name)
+        for module_name, module in _copies_of(model, name):
+            state = {
+                k: tensors[f"{module_name}.{k}"] for k in meta["trainable_modules"][module_name]
+            }
+            module.load_state_dict(state)
     except BaseException:
-        if fresh:
+        if action == "enable":
             unload(model)
+        elif action == "add":
+            delete_adapter(model, name)
         raise
     return model

@@ -73,14 +73,14 @@ _hook_handle = None
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
     # Runs after every optimizer.step() of every optimizer: re-write the columns of the layers
-    # whose delta this optimizer owns. Keeping the write out of forward keeps forward free of
-    # data-dependent guards (torch.compile) and of per-call copies.
+    # whose active delta this optimizer owns. Keeping the write out of forward keeps forward
+    # free of data-dependent guards (torch.compile) and of per-call copies.
     if not _LAYERS:
         return
     for group in optimizer.param_groups:
         for param in group["params"]:
             layer = _LAYERS.get(id(param))
-            if layer is not None and layer.delta is param:
+            if layer is not None and layer.active_adapter is not None and layer.delta is param:
                 layer.sync_weight()
 
 
@@ -90,50 +90,99 @@ def _install_optimizer_hook() -> None:
         _hook_handle = register_optimizer_step_post_hook(_after_optimizer_step)
 
 
+class PacaAdapter(nn.Module):
+    """One named adapter of a layer: ``delta`` ``(out, r)``, ``idx`` ``(r,)`` and, in merged
+    mode, ``base_cols`` = ``W0[:, idx]`` to restore the base weight bit-exactly."""
+
+    def __init__(self, idx: torch.Tensor, alpha: float, delta: torch.Tensor, base_cols=None):
+        super().__init__()
+        self.r = int(idx.numel())
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / self.r
+        self.register_buffer("idx", idx)
+        self.delta = nn.Parameter(delta)
+        if base_cols is not None:
+            self.register_buffer("base_cols", base_cols)
+        self.synced_version = -1  # delta._version last written into the weight
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha:g}"
+
+
 class PacaLinear(nn.Module):
     """A frozen linear layer of which ``r`` input columns are trained.
 
-    The effective weight is ``W0`` with ``W_eff[:, idx] = W0[:, idx] + scaling * delta``.
+    The effective weight is ``W0`` with ``W_eff[:, idx] = W0[:, idx] + scaling * delta`` for the
+    active adapter. A layer holds one or more named adapters (``adapters``); one is active at
+    a time (or none: the layer then computes as its base layer). ``delta``, ``idx``, ``r``,
+    ``alpha`` and ``scaling`` are those of the active adapter.
 
     Args:
         base_layer (nn.Module): ``nn.Linear`` or transformers ``Conv1D`` (kept as a child).
-        idx (torch.Tensor): sorted int64 column indices of shape ``(r,)``.
+        idx (torch.Tensor): int64 column indices of shape ``(r,)``.
         alpha (float): ``scaling = alpha / r``.
         mode (str): ``"merged"`` or ``"additive"``.
+        adapter_name (str): name of this first adapter, made active.
     """
 
-    def __init__(self, base_layer: nn.Module, idx: torch.Tensor, alpha: float, mode: str):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        idx: torch.Tensor,
+        alpha: float,
+        mode: str,
+        adapter_name: str = "default",
+    ):
         super().__init__()
         if mode not in ("merged", "additive"):
             raise ValueError(f"mode must be 'merged' or 'additive', got {mode!r}")
         self.base_layer = base_layer.requires_grad_(False)
         self.in_features, self.out_features = linear_shape(base_layer)
         self.transposed = is_conv1d(base_layer)
-        self.r = int(idx.numel())
-        self.alpha = float(alpha)
-        self.scaling = self.alpha / self.r
         self.mode = mode
-        weight = base_layer.weight
-        device = weight.device
-        self.register_buffer("idx", idx.to(device=device, dtype=torch.long))
-        delta_dtype = (
-            ops.grad_dtype(weight.dtype) if weight.dtype.is_floating_point else torch.float32
-        )
-        self.delta = nn.Parameter(
-            torch.zeros(self.out_features, self.r, dtype=delta_dtype, device=device)
-        )
-        if mode == "merged":
-            # W0[:, idx], kept to restore the base model bit-exactly (unload, disable).
-            self.register_buffer("base_cols", self._read_cols())
-        self._synced_version = self.delta._version
+        self.adapters = nn.ModuleDict()
+        self.active_adapter: str | None = None
         self._disabled = 0
-        _LAYERS[id(self.delta)] = self
         _install_optimizer_hook()
+        self.add_adapter(adapter_name, idx, alpha)
+        self.set_adapter(adapter_name)
 
     def __setstate__(self, state):
-        # copy.deepcopy(model) builds layers without __init__: register the copy's delta too.
+        # copy.deepcopy(model) builds layers without __init__: register the copy's deltas too.
         super().__setstate__(state)
-        _LAYERS[id(self.delta)] = self
+        for adapter in self.adapters.values():
+            _LAYERS[id(adapter.delta)] = self
+
+    # -- the active adapter
+    @property
+    def active(self) -> PacaAdapter:
+        if self.active_adapter is None:
+            raise AttributeError("this PacaLinear has no active adapter")
+        return self.adapters[self.active_adapter]
+
+    @property
+    def delta(self) -> nn.Parameter:
+        return self.active.delta
+
+    @property
+    def idx(self) -> torch.Tensor:
+        return self.active.idx
+
+    @property
+    def base_cols(self) -> torch.Tensor:
+        return self.active.base_cols
+
+    @property
+    def r(self) -> int:
+        return self.active.r
+
+    @property
+    def alpha(self) -> float:
+        return self.active.alpha
+
+    @property
+    def scaling(self) -> float:
+        return self.active.scaling
 
     # -- views of the base layer, so code that inspects models keeps working
     @property
@@ -146,44 +195,92 @@ class PacaLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"alpha={self.alpha:g}, mode={self.mode}"
+            f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, "
+            f"active_adapter={self.active_adapter!r}"
         )
 
     # -- the columns inside the base weight (merged mode)
-    def _read_cols(self) -> torch.Tensor:
+    def _read_cols(self, idx: torch.Tensor) -> torch.Tensor:
         """``W[:, idx]`` as ``(out, r)``, copied."""
         weight = self.base_layer.weight.detach()
         if self.transposed:
-            return weight.index_select(0, self.idx).t().contiguous()
-        return weight.index_select(1, self.idx)
+            return weight.index_select(0, idx).t().contiguous()
+        return weight.index_select(1, idx)
 
-    def _write_cols(self, cols: torch.Tensor) -> None:
+    def _write_cols(self, idx: torch.Tensor, cols: torch.Tensor) -> None:
         """Writes ``(out, r)`` columns into the base weight at ``idx``."""
         weight = self.base_layer.weight
         with torch.no_grad():
             if self.transposed:
-                ops.write_cols_(weight, self.idx, cols.t().contiguous(), 0)
+                ops.write_cols_(weight, idx, cols.t().contiguous(), 0)
             else:
-                ops.write_cols_(weight, self.idx, cols, 1)
+                ops.write_cols_(weight, idx, cols, 1)
 
-    def _merged_cols(self) -> torch.Tensor:
-        with torch.no_grad():  # one fused op: base + scaling * delta, no detach needed
-            cols = torch.add(self.base_cols.to(self.delta.dtype), self.delta, alpha=self.scaling)
-        return cols.to(self.base_layer.weight.dtype)
+    def _written(self) -> bool:
+        """Whether the weight currently holds the active adapter's columns."""
+        return self.mode == "merged" and self.active_adapter is not None and not self._disabled
+
+    def _base_cols_at(self, idx: torch.Tensor) -> torch.Tensor:
+        """``W0[:, idx]``, read with the active adapter's columns taken out first."""
+        if not self._written():
+            return self._read_cols(idx)
+        self.restore_base()
+        try:
+            return self._read_cols(idx)
+        finally:
+            self.sync_weight(force=True)
 
     def sync_weight(self, force: bool = False) -> None:
         """Merged mode: re-writes the trained columns if ``delta`` changed since the last write."""
-        if self.mode != "merged" or self._disabled:
+        if not self._written():
             return
-        if force or self.delta._version != self._synced_version:
-            self._write_cols(self._merged_cols())
-            self._synced_version = self.delta._version
+        adapter = self.active
+        if force or adapter.delta._version != adapter.synced_version:
+            with torch.no_grad():  # one fused op: base + scaling * delta
+                cols = torch.add(
+                    adapter.base_cols.to(adapter.delta.dtype), adapter.delta, alpha=adapter.scaling
+                )
+            self._write_cols(adapter.idx, cols.to(self.base_layer.weight.dtype))
+            adapter.synced_version = adapter.delta._version
 
     def restore_base(self) -> None:
-        """Merged mode: puts ``W0[:, idx]`` back into the weight (bit-exact)."""
-        if self.mode == "merged":
-            self._write_cols(self.base_cols)
+        """Merged mode: puts ``W0[:, idx]`` of the active adapter back (bit-exact)."""
+        if self.mode == "merged" and self.active_adapter is not None:
+            self._write_cols(self.active.idx, self.active.base_cols)
+
+    # -- adapters
+    def add_adapter(self, name: str, idx: torch.Tensor, alpha: float) -> None:
+        """Adds a named adapter (``delta`` zero, not trainable until made active)."""
+        if name in self.adapters:
+            raise ValueError(f"this layer already has an adapter named {name!r}")
+        weight = self.base_layer.weight
+        idx = idx.to(device=weight.device, dtype=torch.long)
+        delta_dtype = (
+            ops.grad_dtype(weight.dtype) if weight.dtype.is_floating_point else torch.float32
+        )
+        delta = torch.zeros(self.out_features, idx.numel(), dtype=delta_dtype, device=weight.device)
+        base_cols = self._base_cols_at(idx) if self.mode == "merged" else None
+        adapter = PacaAdapter(idx, alpha, delta, base_cols)
+        adapter.delta.requires_grad_(False)
+        self.adapters[name] = adapter
+        _LAYERS[id(adapter.delta)] = self
+
+    def set_adapter(self, name: str | None) -> None:
+        """Makes ``name`` the active adapter (``None``, or a name this layer lacks: none)."""
+        name = name if name in self.adapters else None
+        if name == self.active_adapter:
+            return
+        if self._written():
+            self.restore_base()
+        self.active_adapter = name
+        for adapter_name, adapter in self.adapters.items():
+            adapter.delta.requires_grad_(adapter_name == name)
+        self.sync_weight(force=True)
+
+    def delete_adapter(self, name: str) -> None:
+        if name == self.active_adapter:
+            self.set_adapter(None)
+        del self.adapters[name]
 
     # -- switching
     def disable(self) -> None:
@@ -198,39 +295,50 @@ class PacaLinear(nn.Module):
         if self._disabled == 0:
             self.sync_weight(force=True)
 
-    def set_columns(self, idx: torch.Tensor, delta: torch.Tensor) -> None:
-        """Loads an adapter: new column indices and values (``delta`` of shape ``(out, r)``)."""
-        if idx.shape != self.idx.shape or delta.shape != self.delta.shape:
+    def set_columns(
+        self, idx: torch.Tensor, delta: torch.Tensor, adapter_name: str | None = None
+    ) -> None:
+        """Loads an adapter's columns (``idx`` ``(r,)``) and values (``delta`` ``(out, r)``)."""
+        name = self.active_adapter if adapter_name is None else adapter_name
+        adapter = self.adapters[name]
+        if idx.shape != adapter.idx.shape or delta.shape != adapter.delta.shape:
             raise ValueError(
                 f"adapter shapes idx {tuple(idx.shape)}, delta {tuple(delta.shape)} do not fit a "
-                f"layer with r={self.r}, out_features={self.out_features}"
+                f"layer with r={adapter.r}, out_features={self.out_features}"
             )
+        active = name == self.active_adapter
         with torch.no_grad():
-            if self.mode == "merged" and not self._disabled:
+            if active and self._written():
                 self.restore_base()
-            self.idx.copy_(idx)
             if self.mode == "merged":
-                self.base_cols.copy_(self._read_cols())
-            self.delta.copy_(delta)
-        self.sync_weight(force=True)
+                base_cols = self._read_cols(idx) if active else self._base_cols_at(idx)
+                adapter.base_cols.copy_(base_cols)
+            adapter.idx.copy_(idx)
+            adapter.delta.copy_(delta)
+        if active:
+            self.sync_weight(force=True)
 
     def fold(self) -> None:
-        """Leaves ``W0[:, idx] + scaling * delta`` in the base weight (merge)."""
+        """Leaves ``W0[:, idx] + scaling * delta`` of the active adapter in the base weight."""
         if self.mode == "merged":
             self.sync_weight(force=True)
-        else:
-            cols = self._read_cols().to(self.delta.dtype) + self.scaling * self.delta.detach()
-            self._write_cols(cols.to(self.base_layer.weight.dtype))
+        elif self.active_adapter is not None:
+            adapter = self.active
+            cols = (
+                self._read_cols(adapter.idx).to(adapter.delta.dtype)
+                + adapter.scaling * adapter.delta.detach()
+            )
+            self._write_cols(adapter.idx, cols.to(self.base_layer.weight.dtype))
 
     # -- compute
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._disabled:
+        if self._disabled or self.active_adapter is None:
             return self.base_layer(x, *args, **kwargs)
+        adapter = self.adapters[self.active_adapter]
         if self.mode == "additive":
-            return ops.partial_linear(
-                self.base_layer(x, *args, **kwargs), x, self.delta, self.idx, self.scaling
-            )
-        if not torch.compiler.is_compiling() and self.delta._version != self._synced_version:
+            base_out = self.base_layer(x, *args, **kwargs)
+            return ops.partial_linear(base_out, x, adapter.delta, adapter.idx, adapter.scaling)
+        if not torch.compiler.is_compiling() and adapter.delta._version != adapter.synced_version:
             # Safety net for hand edits of delta outside an optimizer step; never taken while
             # compiling (a data-dependent guard), where the optimizer hook does the write.
             self.sync_weight()
@@ -241,28 +349,52 @@ class PacaLinear(nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        if not (torch.is_grad_enabled() and self.delta.requires_grad):
+        if not (torch.is_grad_enabled() and adapter.delta.requires_grad):
             # Inference: exactly the frozen layer, nothing gathered or saved.
             return F.linear(x, weight.t() if self.transposed else weight, bias)
         return ops.merged_linear(
-            x, weight, bias, self.delta, self.idx, self.scaling, self.transposed
+            x, weight, bias, adapter.delta, adapter.idx, adapter.scaling, self.transposed
         )
 
 
 class TrainedCopy(nn.Module):
     """A module trained in full beside the adapters (a classification head, say).
 
-    Keeps the original untouched so ``disabled``/``unload`` give back the base model.
+    Keeps the original untouched, so ``disabled``/``unload`` give back the base model, and one
+    trained copy per adapter (``copies``); the active adapter's copy computes.
     """
 
-    def __init__(self, original: nn.Module):
+    def __init__(self, original: nn.Module, adapter_name: str = "default"):
         super().__init__()
         self.original = original
-        self.trained = copy.deepcopy(original)
+        self.copies = nn.ModuleDict()
+        self.active_adapter: str | None = None
         self._disabled = 0
+        self.add_adapter(adapter_name)
+        self.set_adapter(adapter_name)
+
+    @property
+    def trained(self) -> nn.Module:
+        """The active adapter's copy."""
+        return self.copies[self.active_adapter]
+
+    def add_adapter(self, name: str) -> None:
+        self.copies[name] = copy.deepcopy(self.original).requires_grad_(False)
+
+    def set_adapter(self, name: str | None) -> None:
+        self.active_adapter = name if name in self.copies else None
+        for copy_name, module in self.copies.items():
+            module.requires_grad_(copy_name == self.active_adapter)
+
+    def delete_adapter(self, name: str) -> None:
+        if name == self.active_adapter:
+            self.set_adapter(None)
+        del self.copies[name]
 
     def forward(self, *args, **kwargs):
-        return (self.original if self._disabled else self.trained)(*args, **kwargs)
+        if self._disabled or self.active_adapter is None:
+            return self.original(*args, **kwargs)
+        return self.copies[self.active_adapter](*args, **kwargs)
 
     def disable(self) -> None:
         self._disabled += 1

@@ -52,9 +52,13 @@ DEFAULT_TARGETS: dict[str, list[str] | str] = {
 _HEAD_NAMES = ("classifier", "score", "qa_outputs")
 _HEAD_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
 
-# Set on an adapted model: its config and the requires_grad flags to give back on unload/merge.
+# Set on an adapted model: the active adapter's config and name, every adapter's config, and the
+# requires_grad flags to give back on unload/merge.
 _CONFIG_ATTR = "paca_config"
+_ACTIVE_ATTR = "paca_active_adapter"
+_CONFIGS_ATTR = "paca_configs"
 _FLAGS_ATTR = "_paca_requires_grad"
+_ATTRS = (_CONFIG_ATTR, _ACTIVE_ATTR, _CONFIGS_ATTR, _FLAGS_ATTR)
 
 
 def _matches(name: str, spec: list[str] | str) -> bool:
@@ -99,11 +103,27 @@ def _default_trainable(model: nn.Module) -> list[str]:
     return [name for name in _HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
 
 
+def _named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Modules as the base model has them: a PaCA wrapper stands for its base module."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, PacaLinear):
+            inside.append(name)
+            yield name, module.base_layer
+        elif isinstance(module, TrainedCopy):
+            inside.append(name)
+            yield name, module.original
+        else:
+            yield name, module
+
+
 def _resolve_trainable(model: nn.Module, spec: list[str] | None) -> list[str]:
     names = _default_trainable(model) if spec is None else spec
     found: list[str] = []
     for suffix in names:
-        hits = [n for n, _ in model.named_modules() if n and _matches(n, [suffix])]
+        hits = [n for n, _ in _named_modules(model) if n and _matches(n, [suffix])]
         # Keep only the outermost match: training a module trains its children.
         hits = [n for n in hits if not any(n.startswith(h + ".") for h in hits)]
         if not hits:
@@ -122,13 +142,13 @@ def _find_targets(model: nn.Module, config: PacaConfig, trainable: list[str]) ->
     skip = set()
     if all_linear and hasattr(model, "get_output_embeddings"):
         head = model.get_output_embeddings()
-        skip |= {n for n, m in model.named_modules() if m is head}
+        skip |= {n for n, m in _named_modules(model) if m is head}
 
     def inside_trainable(name: str) -> bool:
         return any(name == t or name.startswith(t + ".") for t in trainable)
 
     matched = []
-    for name, module in model.named_modules():
+    for name, module in _named_modules(model):
         if not name or name in skip or inside_trainable(name):
             continue
         if all_linear:
@@ -146,7 +166,7 @@ def _find_targets(model: nn.Module, config: PacaConfig, trainable: list[str]) ->
     if config.exclude_modules is not None:
         matched = [n for n in matched if not _matches(n, config.exclude_modules)]
     if not matched:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in _named_modules(model) if is_linear(m)})
         raise ValueError(
             f"target_modules={config.target_modules!r} "
             f"(exclude_modules={config.exclude_modules!r}) "
@@ -182,6 +202,8 @@ def _plan(
     hooked = []
     for name in names:
         module = model.get_submodule(name)
+        existing = module if isinstance(module, PacaLinear) else None
+        module = existing.base_layer if existing is not None else module
         in_features, _ = linear_shape(module)
         if config.r > in_features:
             raise ValueError(
@@ -189,15 +211,17 @@ def _plan(
                 f"r <= {in_features} or exclude that layer with exclude_modules=[{name!r}]"
             )
         reason = merged_unsupported_reason(module)
-        if config.mode == "merged" and reason is not None:
+        if config.mode == "merged" and reason is not None and existing is None:
             raise ValueError(
                 f"mode='merged' cannot adapt {name}: {reason}; use mode='additive' or mode='auto'"
             )
-        if config.mode == "auto":
+        if existing is not None:
+            mode = existing.mode  # a layer's adapters share one mode
+        elif config.mode == "auto":
             mode = "merged" if reason is None and not has_user_hooks(module) else "additive"
         else:
             mode = config.mode
-        if mode == "merged" and has_user_hooks(module):
+        if existing is None and mode == "merged" and has_user_hooks(module):
             hooked.append(name)
         if indices is not None:
             idx = indices[name]
@@ -216,6 +240,24 @@ def _plan(
     return plans
 
 
+def _settings_to_config(config: PacaConfig | None, **settings) -> PacaConfig:
+    settings["device"] = str(settings["device"])
+    if config is None:
+        return PacaConfig(**settings)
+    defaults = PacaConfig()
+    changed = [k for k, v in settings.items() if v != getattr(defaults, k)]
+    if changed:
+        raise ValueError(
+            f"pass either config= or keyword settings, not both (got config and {changed})"
+        )
+    return config
+
+
+def _check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter_name={name!r} must be a non-empty string without dots")
+
+
 def enable(
     model: nn.Module,
     r: int = 8,
@@ -229,40 +271,35 @@ def enable(
     *,
     trainable_modules: list[str] | None = None,
     config: PacaConfig | None = None,
+    adapter_name: str = "default",
 ) -> nn.Module:
     """Adapts a model in place with PaCA and freezes everything but the adapters.
 
     Each targeted linear layer becomes a ``PacaLinear`` that trains ``r`` of its input columns.
     See ``PacaConfig`` for the meaning of every setting; pass either the settings or
     ``config=``, not both. Either the whole model is adapted or, on an error, nothing changes.
+    More adapters go onto an adapted model with ``add_adapter``.
 
     Args:
         model (nn.Module): any PyTorch / Hugging Face model.
+        adapter_name (str): name of this (active) adapter.
 
     Returns:
         nn.Module: the same model object, adapted, on the resolved device.
     """
-    settings = dict(
+    config = _settings_to_config(
+        config,
         r=r,
         alpha=alpha,
         target_modules=target_modules,
         exclude_modules=exclude_modules,
         selection=selection,
         seed=seed,
-        device=str(device),
+        device=device,
         mode=mode,
         trainable_modules=trainable_modules,
     )
-    if config is None:
-        config = PacaConfig(**settings)
-    else:
-        defaults = PacaConfig()
-        changed = [k for k, v in settings.items() if v != getattr(defaults, k)]
-        if changed:
-            raise ValueError(
-                f"pass either config= or keyword settings, not both (got config and {changed})"
-            )
-    return _enable(model, config)
+    return _enable(model, config, adapter_name=adapter_name)
 
 
 def _enable(
@@ -270,11 +307,14 @@ def _enable(
     config: PacaConfig,
     targets: list[str] | None = None,
     indices: dict[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
 ) -> nn.Module:
+    _check_adapter_name(adapter_name)
     if is_enabled(model):
         raise ValueError(
             f"{type(model).__name__} already has {len(paca_layers(model))} PaCA layers; call "
-            "paca.unload(model) or paca.merge(model) first, or paca.load_adapter to replace them"
+            "paca.unload(model) or paca.merge(model) first, paca.add_adapter(model, name, ...) "
+            "for another adapter, or paca.load_adapter to replace this one"
         )
     trainable = _resolve_trainable(model, config.trainable_modules)
     config = dataclasses.replace(config, trainable_modules=trainable)
@@ -297,15 +337,12 @@ def _enable(
         for param in model.parameters():
             param.requires_grad_(False)
         for plan in plans:
-            _set_submodule(
-                model, plan.name, PacaLinear(plan.module, plan.idx, config.alpha, plan.mode)
-            )
+            layer = PacaLinear(plan.module, plan.idx, config.alpha, plan.mode, adapter_name)
+            _set_submodule(model, plan.name, layer)
             replaced.append((plan.name, plan.module))
         for name in trainable:
             original = model.get_submodule(name)
-            wrapper = TrainedCopy(original)
-            wrapper.trained.requires_grad_(True)
-            _set_submodule(model, name, wrapper)
+            _set_submodule(model, name, TrainedCopy(original, adapter_name))
             replaced.append((name, original))
     except BaseException:
         for name, module in reversed(replaced):
@@ -315,8 +352,150 @@ def _enable(
         if target_device is not None and len(devices) == 1 and devices != {target_device}:
             model.to(next(iter(devices)))
         raise
+    setattr(model, _CONFIGS_ATTR, {adapter_name: config})
     setattr(model, _CONFIG_ATTR, config)
+    setattr(model, _ACTIVE_ATTR, adapter_name)
     setattr(model, _FLAGS_ATTR, flags)
+    return model
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters on ``model``, in the order they were added."""
+    return list(getattr(model, _CONFIGS_ATTR, {}))
+
+
+def _require_adapter(model: nn.Module, name: str) -> None:
+    names = adapter_names(model)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no PaCA adapters; call paca.enable first")
+    if name not in names:
+        raise ValueError(f"{type(model).__name__} has no adapter named {name!r}; it has {names}")
+
+
+def add_adapter(
+    model: nn.Module,
+    adapter_name: str,
+    r: int = 8,
+    alpha: float = 16,
+    target_modules: list[str] | str | None = None,
+    exclude_modules: list[str] | str | None = None,
+    selection: str = "random",
+    seed: int = 0,
+    mode: str = "auto",
+    *,
+    trainable_modules: list[str] | None = None,
+    config: PacaConfig | None = None,
+) -> nn.Module:
+    """Adds another named adapter to an adapted model; it is not made active.
+
+    Settings as for ``enable`` (the device is the model's). A layer that already carries
+    adapters keeps its execution mode. Switch with ``set_adapter``.
+    """
+    config = _settings_to_config(
+        config,
+        r=r,
+        alpha=alpha,
+        target_modules=target_modules,
+        exclude_modules=exclude_modules,
+        selection=selection,
+        seed=seed,
+        device="auto",
+        mode=mode,
+        trainable_modules=trainable_modules,
+    )
+    return _add_adapter(model, adapter_name, config)
+
+
+def _add_adapter(
+    model: nn.Module,
+    adapter_name: str,
+    config: PacaConfig,
+    targets: list[str] | None = None,
+    indices: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    _check_adapter_name(adapter_name)
+    if not is_enabled(model):
+        raise ValueError(f"{type(model).__name__} has no PaCA adapters; call paca.enable first")
+    if adapter_name in adapter_names(model):
+        raise ValueError(f"{type(model).__name__} already has an adapter named {adapter_name!r}")
+    trainable = _resolve_trainable(model, config.trainable_modules)
+    config = dataclasses.replace(config, trainable_modules=trainable)
+    plans = _plan(model, config, trainable, targets, indices)
+    active = getattr(model, _ACTIVE_ATTR)
+    added: list[tuple[str, nn.Module]] = []  # (name, module to put back, or None)
+    try:
+        for plan in plans:
+            current = model.get_submodule(plan.name)
+            if isinstance(current, PacaLinear):
+                current.add_adapter(adapter_name, plan.idx, config.alpha)
+                added.append((plan.name, None))
+            else:
+                layer = PacaLinear(plan.module, plan.idx, config.alpha, plan.mode, adapter_name)
+                layer.set_adapter(active)
+                _set_submodule(model, plan.name, layer)
+                added.append((plan.name, plan.module))
+        for name in trainable:
+            current = model.get_submodule(name)
+            if isinstance(current, TrainedCopy):
+                current.add_adapter(adapter_name)
+                added.append((name, None))
+            else:
+                wrapper = TrainedCopy(current, adapter_name)
+                wrapper.set_adapter(active)
+                _set_submodule(model, name, wrapper)
+                added.append((name, current))
+    except BaseException:
+        for name, original in reversed(added):
+            if original is not None:
+                _set_submodule(model, name, original)
+            else:
+                model.get_submodule(name).delete_adapter(adapter_name)
+        raise
+    getattr(model, _CONFIGS_ATTR)[adapter_name] = config
+    return model
+
+
+def _switches(model: nn.Module) -> list[tuple[str, PacaLinear | TrainedCopy]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (PacaLinear, TrainedCopy))]
+
+
+def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Makes ``adapter_name`` the active (computing and trainable) adapter of every layer."""
+    _require_adapter(model, adapter_name)
+    for _, module in _switches(model):
+        module.set_adapter(adapter_name)
+    setattr(model, _ACTIVE_ATTR, adapter_name)
+    setattr(model, _CONFIG_ATTR, getattr(model, _CONFIGS_ATTR)[adapter_name])
+    return model
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Removes one adapter. Deleting the active one switches to the first remaining adapter
+    (with a warning); the last one is removed with ``paca.unload`` or folded with ``paca.merge``.
+    """
+    _require_adapter(model, adapter_name)
+    remaining = [n for n in adapter_names(model) if n != adapter_name]
+    if not remaining:
+        raise ValueError(
+            f"{adapter_name!r} is the model's only adapter; use paca.unload(model) to remove it "
+            "or paca.merge(model) to fold it into the weights"
+        )
+    if getattr(model, _ACTIVE_ATTR) == adapter_name:
+        warnings.warn(
+            f"deleting the active adapter {adapter_name!r}; {remaining[0]!r} is active now",
+            UserWarning,
+            stacklevel=2,
+        )
+        set_adapter(model, remaining[0])
+    for name, module in _switches(model):
+        holder = module.adapters if isinstance(module, PacaLinear) else module.copies
+        if adapter_name not in holder:
+            continue
+        module.delete_adapter(adapter_name)
+        if not holder:  # no adapter left on this module: give back the base module
+            base = module.base_layer if isinstance(module, PacaLinear) else module.original
+            _set_submodule(model, name, base)
+    del getattr(model, _CONFIGS_ATTR)[adapter_name]
     return model
 
 
@@ -325,11 +504,14 @@ def _finish(model: nn.Module, replacement: str) -> nn.Module:
     for name, layer in paca_layers(model):
         _set_submodule(model, name, layer.base_layer)
     for name, wrapper in _trained_copies(model):
-        _set_submodule(model, name, getattr(wrapper, replacement))
+        keep = wrapper.original
+        if replacement == "trained" and wrapper.active_adapter is not None:
+            keep = wrapper.trained
+        _set_submodule(model, name, keep)
     flags = getattr(model, _FLAGS_ATTR, {})
     for n, p in model.named_parameters():
         p.requires_grad_(flags.get(n, True))
-    for attr in (_CONFIG_ATTR, _FLAGS_ATTR):
+    for attr in _ATTRS:
         if hasattr(model, attr):
             delattr(model, attr)
     return model
@@ -347,15 +529,15 @@ def _require_adapters(model: nn.Module, action: str) -> bool:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Folds the adapters into the weights; returns the model made of plain layers again.
+    """Folds the active adapter into the weights; returns the model made of plain layers again.
 
     Safe: an adapter holding NaN or inf is refused before any weight is touched. Modules trained
-    in full (``trainable_modules``) keep their trained weights. Calling it on a model without
-    adapters warns and does nothing.
+    in full (``trainable_modules``) keep their trained weights. Other adapters are dropped (with
+    a warning naming them). Calling it on a model without adapters warns and does nothing.
     """
     if not _require_adapters(model, "merge"):
         return model
-    layers = paca_layers(model)
+    layers = [(n, layer) for n, layer in paca_layers(model) if layer.active_adapter is not None]
     for name, layer in layers:
         if layer._disabled:
             raise RuntimeError(f"cannot merge inside paca.disabled(): {name} is disabled")
@@ -371,6 +553,13 @@ def merge(model: nn.Module) -> nn.Module:
                     f"{type(weight.data).__name__} of dtype {weight.dtype}; save the adapter with "
                     "paca.save_adapter and load it onto an unquantized, unsharded model to merge"
                 )
+    others = [n for n in adapter_names(model) if n != getattr(model, _ACTIVE_ATTR)]
+    if others:
+        warnings.warn(
+            f"merge folds the active adapter {getattr(model, _ACTIVE_ATTR)!r} and drops {others}",
+            UserWarning,
+            stacklevel=2,
+        )
     for _, layer in layers:
         layer.fold()
     return _finish(model, "trained")
@@ -391,7 +580,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
     Nests, and leaves the state right if the block raises.
     """
-    switches = [m for m in model.modules() if isinstance(m, (PacaLinear, TrainedCopy))]
+    switches = [m for _, m in _switches(model)]
     done = []
     try:
         for module in switches:

@@ -97,7 +97,7 @@ def test_adapter_of_another_model_is_refused(tmp_path):
     adapted = paca.enable(tiny_llama(), r=2)
     _expect_refusal(adapted, tmp_path / "a", "has r=2 in the model, r=4 in")
     partial = paca.enable(tiny_llama(), r=4, target_modules=["q_proj"])
-    _expect_refusal(partial, tmp_path / "a", "the model's PaCA layers differ")
+    _expect_refusal(partial, tmp_path / "a", "the layers of adapter 'default' differ")
 
 
 def test_damaged_files_are_refused(tmp_path):
