@@ -11,6 +11,7 @@ model, and only ``x[..., idx]`` kept for the backward pass.
 from paca import backends as _backends
 from paca.checkpoint import load_adapter, save_adapter
 from paca.config import PacaConfig
+from paca.interop import export_lora
 from paca.layer import PacaLinear
 from paca.model import (
     ParameterCount,
@@ -43,6 +44,7 @@ __all__ = [
     "ParameterCount",
     "disabled",
     "enable",
+    "export_lora",
     "load_adapter",
     "merge",
     "paca_layers",

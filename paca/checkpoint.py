@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from paca import interop
 from paca.config import PacaConfig
 from paca.layer import is_linear, linear_shape
 from paca.model import (
@@ -260,7 +261,11 @@ def load_adapter(
     adapter_name: str | None = None,
     device: str | None = None,
 ) -> nn.Module:
-    """Loads an adapter saved by ``save_adapter``.
+    """Loads an adapter saved by ``save_adapter``, or a PaCA adapter in another format.
+
+    Besides paca's own files, it reads the PEFT PaCA branch format and the PaCA authors'
+    format (``adapter_config.json`` with ``peft_type: "PACA"``), converts them and logs what
+    it did (see ``paca.interop.read_foreign``).
 
     * On a model without PaCA: adapts it with the saved settings and column indices (no RNG is
       used, so the outputs are those of the saved model); the adapter is named ``adapter_name``
@@ -283,7 +288,11 @@ def load_adapter(
         nn.Module: the same model object.
     """
     directory = Path(path)
-    meta, tensors = _read(directory)
+    if interop.is_foreign(directory):
+        meta, tensors, note = interop.read_foreign(directory, model)
+        interop.logger.warning(note)
+    else:
+        meta, tensors = _read(directory)
     try:
         config = PacaConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 
 def _bench_parser(sub) -> None:
@@ -49,7 +50,6 @@ def _bench_parser(sub) -> None:
 
 def _run_bench(args, parser) -> int:
     import json
-    from pathlib import Path
 
     from paca import bench
 
@@ -87,18 +87,64 @@ def _run_bench(args, parser) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="paca", description="Partial Connection Adaptation (PaCA) tools"
+def load_model(name_or_path: str):
+    """A Hugging Face model from a local folder (or a hub id), with its own head class."""
+    import transformers
+
+    path = Path(name_or_path)
+    if path.exists() and not (path / "config.json").is_file():
+        raise ValueError(f"--model {name_or_path}: no config.json there; pass a model folder")
+    if not path.exists() and name_or_path.count("/") != 1:
+        raise ValueError(f"--model {name_or_path}: no such folder")
+    config = transformers.AutoConfig.from_pretrained(name_or_path)
+    architectures = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    return (model_class or transformers.AutoModel).from_pretrained(name_or_path)
+
+
+def _export_lora_parser(sub) -> None:
+    p = sub.add_parser(
+        "export-lora",
+        help="write a PaCA adapter as a PEFT LoRA adapter (servable by PEFT, vLLM, TGI, LoRAX)",
+        description="Loads the base model and the PaCA adapter and writes an exactly equivalent "
+        "LoRA adapter folder (A = one-hot column selectors, B = scaling * delta).",
     )
+    p.add_argument("--model", required=True, help="the base model: local folder or hub id")
+    p.add_argument(
+        "--adapter", required=True, help="the PaCA adapter folder (any format paca reads)"
+    )
+    p.add_argument("--output", required=True, help="the LoRA adapter folder to write")
+    p.add_argument("--force", action="store_true", help="replace --output if it exists")
+
+
+def _run_export_lora(args) -> int:
+    import paca
+
+    if Path(args.output).exists() and not args.force:
+        raise ValueError(f"--output {args.output} exists; choose another folder or pass --force")
+    if not Path(args.adapter).is_dir():
+        raise ValueError(f"--adapter {args.adapter}: no such folder")
+    model = load_model(args.model)
+    paca.load_adapter(model, args.adapter, device="cpu")
+    out = paca.export_lora(model, args.output, force=args.force)
+    print(f"wrote LoRA adapter {out} ({len(paca.paca_layers(model))} layers)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="paca", description="Partial Connection Adaptation tools")
     sub = parser.add_subparsers(dest="command", required=True)
     _bench_parser(sub)
+    _export_lora_parser(sub)
     args = parser.parse_args(argv)
-    command_parser = sub.choices[args.command]
-    if args.command == "bench":
-        return _run_bench(args, command_parser)
-    parser.error(f"unknown command {args.command}")  # unreachable: argparse checks choices
-    return 2
+    try:
+        if args.command == "bench":
+            return _run_bench(args, sub.choices["bench"])
+        return _run_export_lora(args)
+    except (ValueError, OSError) as exc:
+        # The user's input was wrong: a one-line error and exit code 2, no traceback.
+        print(f"paca {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,163 @@
+"""Export to PEFT LoRA (checked by loading it with peft) and reading other PaCA formats."""
+
+import json
+import logging
+
+import pytest
+import torch
+from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
+from safetensors.torch import load_file, save_file
+
+import paca
+from paca.cli import main
+
+peft = pytest.importorskip("peft", reason="peft (the dev extra) checks the exported LoRA adapters")
+
+
+def adapted(model_fn, **enable):
+    model = paca.enable(model_fn(), **({"r": 4, "alpha": 8} | enable))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _, layer in paca.paca_layers(model):
+            layer.delta.copy_(torch.randn(layer.delta.shape, generator=generator) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("model_fn", [tiny_llama, tiny_gpt2, tiny_bert_classifier])
+def test_exported_lora_reproduces_the_paca_model_in_peft(tmp_path, model_fn):
+    model = adapted(model_fn)
+    if model_fn is tiny_bert_classifier:
+        with torch.no_grad():
+            model.classifier.trained.weight.add_(0.5)  # a trained head travels as modules_to_save
+    ids = token_batch()
+    expected = model(ids).logits.detach()
+    out = paca.export_lora(model, tmp_path / "lora")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 4
+    assert config["fan_in_fan_out"] == (model_fn is tiny_gpt2)
+    tensors = load_file(out / "adapter_model.safetensors")
+    a = next(v for k, v in tensors.items() if k.endswith("lora_A.weight"))
+    assert (
+        a.dtype == torch.float32
+        and torch.equal(a.sum(1), torch.ones(4))
+        and set(a.unique().tolist()) == {0.0, 1.0}
+    )
+    lora = peft.PeftModel.from_pretrained(model_fn(), out).eval()
+    torch.testing.assert_close(lora(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_refusals_write_nothing(tmp_path):
+    with pytest.raises(ValueError, match="no PaCA adapters to export; call paca.enable first"):
+        paca.export_lora(tiny_llama(), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    model = adapted(tiny_llama)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists; choose another output or pass force=True"):
+        paca.export_lora(model, tmp_path / "taken")
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    paca.export_lora(model, tmp_path / "taken", force=True)
+    assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder left"
+
+
+def _write_foreign(model, path, original: bool, shuffle: bool = True):
+    """A PaCA adapter as the PEFT branch (paca_delta) or the authors' code (paca_w) store it."""
+    path.mkdir()
+    tensors = {}
+    for name, layer in paca.paca_layers(model):
+        idx, delta = layer.idx.clone(), layer.delta.detach().clone()
+        if shuffle:  # those formats keep randperm order; paca sorts on load
+            order = torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(1))
+            idx, delta = idx[order], delta[:, order]
+        if original:
+            w0 = layer.base_layer.weight.detach()
+            w0 = w0.t() if layer.transposed else w0
+            if layer.mode == "merged":
+                w0 = w0.clone().index_copy_(1, layer.idx, layer.base_cols)
+            values = (w0[:, idx] + layer.scaling * delta) / layer.scaling
+            tensors[f"base_model.model.{name}.paca_w"] = values.contiguous()
+        else:
+            tensors[f"base_model.model.{name}.paca_delta"] = delta.contiguous()
+        tensors[f"base_model.model.{name}.paca_indices"] = idx
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "PACA",
+        "r": 4,
+        "paca_alpha": 8,
+        "target_modules": ["q_proj"],
+        "base_model_name_or_path": None,
+    }
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("model_fn", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("original", [False, True])
+def test_reads_the_peft_branch_and_the_authors_formats(tmp_path, caplog, model_fn, original):
+    model = adapted(model_fn)
+    ids = token_batch()
+    expected = model(ids).logits.detach()
+    _write_foreign(model, tmp_path / "foreign", original)
+    with caplog.at_level(logging.WARNING, logger="paca"):
+        fresh = paca.load_adapter(model_fn(), tmp_path / "foreign")
+    kind = "authors' format" if original else "PEFT PaCA branch format"
+    assert kind in caplog.text and "r=4, alpha=8" in caplog.text
+    assert fresh.paca_config.alpha == 8.0 and fresh.paca_config.r == 4
+    if original:  # delta = paca_w - W0[:, idx] / s: rounding of the subtraction
+        torch.testing.assert_close(fresh(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(fresh(ids).logits, expected)
+    # converted once, it saves and reloads as paca's own format
+    paca.save_adapter(fresh, tmp_path / "native")
+    assert torch.equal(
+        paca.load_adapter(model_fn(), tmp_path / "native")(ids).logits, fresh(ids).logits
+    )
+
+
+def test_foreign_files_from_another_model_or_damaged_are_refused(tmp_path):
+    _write_foreign(adapted(tiny_llama), tmp_path / "f", original=False)
+    with pytest.raises(ValueError, match="does not exist in GPT2LMHeadModel"):
+        paca.load_adapter(tiny_gpt2(), tmp_path / "f")
+    wider = tiny_llama(hidden_size=48, intermediate_size=64)
+    with pytest.raises(ValueError, match=r"expected \(4,\) and \(48, 4\)"):
+        paca.load_adapter(wider, tmp_path / "f")
+    weights = tmp_path / "f" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    tensors["base_model.model.lm_head.weight"] = torch.zeros(1)
+    save_file(tensors, str(weights))
+    with pytest.raises(ValueError, match="unexpected tensor 'base_model.model.lm_head.weight'"):
+        paca.load_adapter(tiny_llama(), tmp_path / "f")
+    weights.write_bytes(b"\x00" * 10)
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        paca.load_adapter(model, tmp_path / "f")
+    assert not paca.paca_layers(model)
+
+
+def test_cli_export_lora(tmp_path, capsys):
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    model = adapted(tiny_llama)
+    ids = token_batch()
+    expected = model(ids).logits.detach()
+    paca.save_adapter(model, tmp_path / "adapter")
+    argv = [
+        "export-lora",
+        "--model",
+        str(tmp_path / "base"),
+        "--adapter",
+        str(tmp_path / "adapter"),
+    ]
+    assert main([*argv, "--output", str(tmp_path / "lora")]) == 0
+    assert "wrote LoRA adapter" in capsys.readouterr().out
+    lora = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora").eval()
+    torch.testing.assert_close(lora(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert main([*argv, "--output", str(tmp_path / "lora")]) == 2
+    assert "exists; choose another folder or pass --force" in capsys.readouterr().err
+    assert main([*argv, "--output", str(tmp_path / "lora"), "--force"]) == 0
+    bad = ["export-lora", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "none")]
+    assert main([*bad, "--output", str(tmp_path / "o")]) == 2
+    assert "--adapter" in capsys.readouterr().err and not (tmp_path / "o").exists()
