@@ -161,3 +161,19 @@ def test_cli_export_lora(tmp_path, capsys):
     bad = ["export-lora", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "none")]
     assert main([*bad, "--output", str(tmp_path / "o")]) == 2
     assert "--adapter" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_cli_export_lora_refuses_an_adapter_of_another_model(tmp_path, capsys):
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    paca.save_adapter(adapted(tiny_llama), tmp_path / "adapter")
+    argv = [
+        "export-lora",
+        "--model",
+        str(tmp_path / "gpt2"),
+        "--adapter",
+        str(tmp_path / "adapter"),
+    ]
+    assert main([*argv, "--output", str(tmp_path / "lora")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist in GPT2LMHeadModel" in err and "Traceback" not in err
+    assert not (tmp_path / "lora").exists()
