@@ -19,17 +19,18 @@ from torch import nn
 
 from paca import interop
 from paca.config import PacaConfig
-from paca.layer import is_linear, linear_shape
+from paca.layer import linear_shape
 from paca.model import (
     _ACTIVE_ATTR,
     _CONFIGS_ATTR,
     _add_adapter,
     _enable,
-    _trained_copies,
+    adapter_copies,
+    adapter_layers,
     adapter_names,
+    base_linear,
     delete_adapter,
     is_enabled,
-    paca_layers,
     unload,
 )
 
@@ -41,20 +42,6 @@ FORMAT_VERSION = 1
 
 def _base_model_name(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "_name_or_path", None) or None
-
-
-def _layers_of(model: nn.Module, adapter_name: str):
-    return [
-        (n, layer, layer.adapters[adapter_name])
-        for n, layer in paca_layers(model)
-        if adapter_name in layer.adapters
-    ]
-
-
-def _copies_of(model: nn.Module, adapter_name: str):
-    return [
-        (n, w.copies[adapter_name]) for n, w in _trained_copies(model) if adapter_name in w.copies
-    ]
 
 
 def save_adapter(
@@ -78,7 +65,7 @@ def save_adapter(
     config: PacaConfig = getattr(model, _CONFIGS_ATTR)[adapter_name]
     tensors: dict[str, torch.Tensor] = {}
     layer_info = {}
-    for name, layer, adapter in _layers_of(model, adapter_name):
+    for name, layer, adapter in adapter_layers(model, adapter_name):
         tensors[f"{name}.delta"] = adapter.delta.detach().to("cpu").contiguous()
         tensors[f"{name}.idx"] = adapter.idx.detach().to("cpu").contiguous()
         layer_info[name] = {
@@ -88,7 +75,7 @@ def save_adapter(
             "mode": layer.mode,
         }
     trained = {}
-    for name, module in _copies_of(model, adapter_name):
+    for name, module in adapter_copies(model, adapter_name):
         state = module.state_dict()
         trained[name] = sorted(state)
         for key, value in state.items():
@@ -193,19 +180,7 @@ def _check(
                 f"{source}: layer {name} has delta {tuple(delta.shape)}, idx {tuple(idx.shape)} "
                 f"{idx.dtype}; expected ({info['out_features']}, {r}) and ({r},) int64"
             )
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(
-                f"adapter layer {name} from {source} does not exist in {type(model).__name__}; "
-                "was the adapter trained on another model?"
-            ) from None
-        base = getattr(module, "base_layer", module)
-        if not is_linear(base):
-            raise ValueError(
-                f"adapter layer {name} from {source} is a {type(base).__name__} in this model"
-            )
-        shape = linear_shape(base)
+        shape = linear_shape(base_linear(model, name, source))
         if shape != (info["in_features"], info["out_features"]):
             raise ValueError(
                 f"adapter layer {name} from {source} is (in={info['in_features']}, "
@@ -241,7 +216,7 @@ def _check(
             f"{source}: unexpected tensors {unexpected[:5]}, missing tensors {missing[:5]}"
         )
     if replacing is not None:
-        layers = {name: adapter for name, _, adapter in _layers_of(model, replacing)}
+        layers = {name: adapter for name, _, adapter in adapter_layers(model, replacing)}
         have, want = set(layers), set(meta["layers"])
         if have != want:
             raise ValueError(
@@ -251,7 +226,7 @@ def _check(
         for name in want:
             if layers[name].r != r:
                 raise ValueError(f"{name} has r={layers[name].r} in the model, r={r} in {source}")
-        if {n for n, _ in _copies_of(model, replacing)} != set(meta["trainable_modules"]):
+        if {n for n, _ in adapter_copies(model, replacing)} != set(meta["trainable_modules"]):
             raise ValueError(f"the trained modules of adapter {replacing!r} differ from {source}")
 
 
@@ -312,11 +287,11 @@ def load_adapter(
     elif action == "add":
         _add_adapter(model, name, config, targets=list(meta["layers"]), indices=indices)
     try:
-        for layer_name, layer, adapter in _layers_of(model, name):
+        for layer_name, layer, adapter in adapter_layers(model, name):
             idx = tensors[f"{layer_name}.idx"].to(adapter.idx.device)
             delta = tensors[f"{layer_name}.delta"].to(adapter.delta.device, adapter.delta.dtype)
             layer.set_columns(idx, delta, name)
-        for module_name, module in _copies_of(model, name):
+        for module_name, module in adapter_copies(model, name):
             state = {
                 k: tensors[f"{module_name}.{k}"] for k in meta["trainable_modules"][module_name]
             }

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from paca.layer import PacaLinear, is_conv1d, is_linear, linear_shape
+from paca.layer import PacaLinear, is_conv1d, linear_shape
 
 logger = logging.getLogger("paca")
 
@@ -50,7 +50,7 @@ def export_lora(
     Returns:
         Path: the folder.
     """
-    from paca.model import _ACTIVE_ATTR, adapter_names, is_enabled, paca_layers
+    from paca.model import _ACTIVE_ATTR, adapter_copies, adapter_layers, adapter_names, is_enabled
 
     if not is_enabled(model):
         raise ValueError(
@@ -67,10 +67,7 @@ def export_lora(
     tensors: dict[str, torch.Tensor] = {}
     targets, conv1d = [], []
     r = None
-    for name, layer in paca_layers(model):
-        if adapter_name not in layer.adapters:
-            continue
-        adapter = layer.adapters[adapter_name]
+    for name, layer, adapter in adapter_layers(model, adapter_name):
         r = adapter.r
         delta = adapter.delta.detach().to("cpu")
         selector = torch.zeros(adapter.r, layer.in_features, dtype=delta.dtype)  # A: one-hot rows
@@ -85,7 +82,7 @@ def export_lora(
             "per adapter, so export it in two parts (two PaCA adapters with separate targets)"
         )
     saved_modules = []
-    for name, wrapper in _trained(model, adapter_name):
+    for name, wrapper in adapter_copies(model, adapter_name):
         saved_modules.append(name)
         for key, value in wrapper.state_dict().items():
             tensors[f"{_PEFT_PREFIX}{name}.{key}"] = value.detach().to("cpu").contiguous().clone()
@@ -123,14 +120,6 @@ def export_lora(
     return target
 
 
-def _trained(model: nn.Module, adapter_name: str):
-    from paca.model import _trained_copies
-
-    return [
-        (n, w.copies[adapter_name]) for n, w in _trained_copies(model) if adapter_name in w.copies
-    ]
-
-
 # -- reading other PaCA formats -------------------------------------------------------------------
 
 _FOREIGN_KEY = re.compile(
@@ -164,6 +153,7 @@ def read_foreign(directory: Path, model: nn.Module) -> tuple[dict, dict[str, tor
     """
     from paca.checkpoint import FORMAT, FORMAT_VERSION
     from paca.config import PacaConfig
+    from paca.model import base_linear
 
     config = json.loads((directory / PEFT_CONFIG).read_text())
     weights = directory / PEFT_WEIGHTS
@@ -211,7 +201,7 @@ def read_foreign(directory: Path, model: nn.Module) -> tuple[dict, dict[str, tor
     tensors: dict[str, torch.Tensor] = {}
     layer_info = {}
     for name, parts in sorted(layers.items()):
-        module = _base_module(model, name, directory)
+        module = base_linear(model, name, directory)
         in_features, out_features = linear_shape(module)
         idx = parts["indices"].to(torch.long).reshape(-1)
         values = parts["w" if original else "delta"].to(torch.float32)
@@ -274,22 +264,6 @@ def read_foreign(directory: Path, model: nn.Module) -> tuple[dict, dict[str, tor
         + (f", trained modules {sorted(saved)}" if saved else "")
     )
     return meta, tensors, note
-
-
-def _base_module(model: nn.Module, name: str, source: Path) -> nn.Module:
-    try:
-        module = model.get_submodule(name)
-    except AttributeError:
-        raise ValueError(
-            f"adapter layer {name} from {source} does not exist in {type(model).__name__}; "
-            "was the adapter trained on another model?"
-        ) from None
-    module = module.base_layer if isinstance(module, PacaLinear) else module
-    if not is_linear(module):
-        raise ValueError(
-            f"adapter layer {name} from {source} is a {type(module).__name__} in this model"
-        )
-    return module
 
 
 def _base_columns(model: nn.Module, name: str, idx: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch import nn
 from paca import backends
 from paca.config import PacaConfig
 from paca.layer import (
+    PacaAdapter,
     PacaLinear,
     TrainedCopy,
     has_user_hooks,
@@ -74,6 +75,42 @@ def paca_layers(model: nn.Module) -> list[tuple[str, PacaLinear]]:
 
 def _trained_copies(model: nn.Module) -> list[tuple[str, TrainedCopy]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, TrainedCopy)]
+
+
+def adapter_layers(
+    model: nn.Module, adapter_name: str
+) -> list[tuple[str, PacaLinear, PacaAdapter]]:
+    """``(name, layer, adapter)`` of every layer carrying adapter ``adapter_name``."""
+    return [
+        (n, layer, layer.adapters[adapter_name])
+        for n, layer in paca_layers(model)
+        if adapter_name in layer.adapters
+    ]
+
+
+def adapter_copies(model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the modules trained in full for adapter ``adapter_name``."""
+    return [
+        (n, w.copies[adapter_name]) for n, w in _trained_copies(model) if adapter_name in w.copies
+    ]
+
+
+def base_linear(model: nn.Module, name: str, source: object) -> nn.Module:
+    """The linear layer ``name`` of the base model (inside its PaCA wrapper, if any), or an
+    error naming the adapter file ``source`` it was asked for."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(
+            f"adapter layer {name} from {source} does not exist in {type(model).__name__}; "
+            "was the adapter trained on another model?"
+        ) from None
+    module = module.base_layer if isinstance(module, PacaLinear) else module
+    if not is_linear(module):
+        raise ValueError(
+            f"adapter layer {name} from {source} is a {type(module).__name__} in this model"
+        )
+    return module
 
 
 def is_enabled(model: nn.Module) -> bool:
