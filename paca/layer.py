@@ -81,7 +81,9 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
         for param in group["params"]:
             layer = _LAYERS.get(id(param))
             if layer is not None and layer.active_adapter is not None and layer.delta is param:
-                layer.sync_weight()
+                # force: fused optimizers (torch.optim.AdamW(fused=True), the HF Trainer's
+                # default "adamw_torch_fused") update parameters without bumping _version.
+                layer.sync_weight(force=True)
 
 
 def _install_optimizer_hook() -> None:

@@ -242,3 +242,23 @@ def test_layer_keeps_linear_attributes():
     assert (layer.in_features, layer.out_features) == (IN, OUT)
     assert layer.weight is layer.base_layer.weight
     assert "r=4" in repr(layer)
+
+
+@pytest.mark.parametrize(
+    "optimizer_kwargs", [dict(fused=True), dict(foreach=True), dict(foreach=False)]
+)
+def test_merged_columns_follow_every_optimizer_implementation(optimizer_kwargs):
+    # fused AdamW updates parameters without bumping their version counter: the step hook
+    # must write the columns anyway.
+    layer, w0, b0, idx = make_layer("linear", "merged", dtype=torch.float32)
+    opt = torch.optim.AdamW([layer.delta], lr=0.1, **optimizer_kwargs)
+    x = torch.randn(4, IN)
+    for _ in range(3):
+        layer(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    expected = w0.index_copy(1, idx, w0[:, idx] + layer.scaling * layer.delta.detach())
+    torch.testing.assert_close(layer.weight, expected, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        y_ref, *_ = dense_reference(x, w0, b0, idx, layer.delta, layer.scaling)
+        torch.testing.assert_close(layer(x).double(), y_ref, rtol=1e-5, atol=1e-5)

