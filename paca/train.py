@@ -383,19 +383,17 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
         )
         return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
 
-    class _Trainer(transformers.Trainer):
-        """Adds the throughput to each loss line."""
+    class _Throughput(transformers.TrainerCallback):
+        """Adds examples per second since training started to each loss line."""
 
-        _started = None
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = (time.perf_counter(), state.global_step)
 
-        def log(self, logs, *args, **kwargs):
-            if "loss" in logs and self.state.global_step:
-                self._started = self._started or time.perf_counter()
-                seen = self.state.global_step * cfg.batch_size * cfg.grad_accum
-                logs["examples_per_s"] = round(
-                    seen / max(time.perf_counter() - self._started, 1e-9), 1
-                )
-            super().log(logs, *args, **kwargs)
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is not None and "loss" in logs:
+                seconds = time.perf_counter() - self.start[0]
+                steps = state.global_step - self.start[1]
+                logs["examples_per_s"] = round(steps * cfg.batch_size * cfg.grad_accum / seconds, 1)
 
     steps = cfg.max_steps
     total = steps or math.ceil(
@@ -427,13 +425,15 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
         remove_unused_columns=False,
         label_names=["labels"],
     )
-    trainer = _Trainer(
+    trainer = transformers.Trainer(
         model=model,
         args=args,
         train_dataset=datasets["train"],
         data_collator=collator,
         compute_metrics=accuracy if labels else None,
     )
+    # ahead of the progress bar's callback, so the loss line it prints carries the throughput
+    trainer.callback_handler.callbacks.insert(0, _Throughput())
     evaluate = {s: d for s, d in datasets.items() if s != "train" and len(d)}
 
     def scores() -> dict:
