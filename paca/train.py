@@ -297,7 +297,7 @@ def run(cfg: TrainConfig) -> dict:
     import transformers
 
     from paca import backends
-    from paca.cli import load_model_class
+    from paca.loading import load_model_class
 
     output = Path(cfg.output)
     if output.exists():
