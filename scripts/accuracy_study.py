@@ -1,7 +1,8 @@
 """Accuracy study: PaCA against LoRA, full fine-tuning and head-only training on the default
 task of ``paca train`` (all-MiniLM-L6-v2, standard-library docstrings), same step budget.
 
-1. Learning-rate sweep on the validation split (seed 0) for each configuration.
+1. Learning-rate sweep on the validation split (seed 0) for each configuration, extended
+   by a factor of 2 when the best rate lies at an edge of the sweep.
 2. The best rate of each configuration, on seeds 0, 1, 2; test accuracy mean and spread.
 
 Every finished run is cached in OUT/runs.json, so an interrupted study resumes where it
@@ -118,6 +119,15 @@ def main() -> None:
             lr: train(method, r, alpha, lr, 0)["after"]["validation"]["accuracy"] for lr in rates
         }
         best = max(sweep, key=sweep.get)
+        # a best rate at the edge of the sweep: extend it that way (twice at most)
+        for _ in range(2):
+            if len(sweep) < 2 or best not in (min(sweep), max(sweep)):
+                break
+            lr = best * 2 if best == max(sweep) else best / 2
+            sweep[lr] = train(method, r, alpha, lr, 0)["after"]["validation"]["accuracy"]
+            if sweep[lr] <= sweep[best]:
+                break
+            best = lr
         finals = [train(method, r, alpha, best, seed) for seed in SEEDS]
         tests = [100 * m["after"]["test"]["accuracy"] for m in finals]
         table.append(
