@@ -31,6 +31,7 @@ from paca.model import (
     base_linear,
     delete_adapter,
     is_enabled,
+    resolve_adapter,
     unload,
 )
 
@@ -55,13 +56,7 @@ def save_adapter(
     Returns:
         Path: the directory.
     """
-    if not is_enabled(model):
-        raise ValueError(
-            f"{type(model).__name__} has no PaCA adapters to save; call paca.enable first"
-        )
-    adapter_name = adapter_name or getattr(model, _ACTIVE_ATTR)
-    if adapter_name not in adapter_names(model):
-        raise ValueError(f"no adapter named {adapter_name!r}; the model has {adapter_names(model)}")
+    adapter_name = resolve_adapter(model, adapter_name, "save")
     config: PacaConfig = getattr(model, _CONFIGS_ATTR)[adapter_name]
     tensors: dict[str, torch.Tensor] = {}
     layer_info = {}

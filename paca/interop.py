@@ -50,15 +50,9 @@ def export_lora(
     Returns:
         Path: the folder.
     """
-    from paca.model import _ACTIVE_ATTR, adapter_copies, adapter_layers, adapter_names, is_enabled
+    from paca.model import adapter_copies, adapter_layers, resolve_adapter
 
-    if not is_enabled(model):
-        raise ValueError(
-            f"{type(model).__name__} has no PaCA adapters to export; call paca.enable first"
-        )
-    adapter_name = adapter_name or getattr(model, _ACTIVE_ATTR)
-    if adapter_name not in adapter_names(model):
-        raise ValueError(f"no adapter named {adapter_name!r}; the model has {adapter_names(model)}")
+    adapter_name = resolve_adapter(model, adapter_name, "export")
     target = Path(path)
     if target.exists() and not force:
         raise FileExistsError(

@@ -401,12 +401,18 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(getattr(model, _CONFIGS_ATTR, {}))
 
 
-def _require_adapter(model: nn.Module, name: str) -> None:
+def resolve_adapter(model: nn.Module, adapter_name: str | None = None, action: str = "use") -> str:
+    """``adapter_name`` (default: the active adapter), or an error saying why it cannot be
+    ``action``-ed: no adapters at all, or no adapter of that name."""
     names = adapter_names(model)
     if not names:
-        raise ValueError(f"{type(model).__name__} has no PaCA adapters; call paca.enable first")
+        raise ValueError(
+            f"{type(model).__name__} has no PaCA adapters to {action}; call paca.enable first"
+        )
+    name = adapter_name or getattr(model, _ACTIVE_ATTR)
     if name not in names:
         raise ValueError(f"{type(model).__name__} has no adapter named {name!r}; it has {names}")
+    return name
 
 
 def add_adapter(
@@ -498,7 +504,7 @@ def _switches(model: nn.Module) -> list[tuple[str, PacaLinear | TrainedCopy]]:
 
 def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Makes ``adapter_name`` the active (computing and trainable) adapter of every layer."""
-    _require_adapter(model, adapter_name)
+    resolve_adapter(model, adapter_name, "switch")
     for _, module in _switches(model):
         module.set_adapter(adapter_name)
     setattr(model, _ACTIVE_ATTR, adapter_name)
@@ -510,7 +516,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Removes one adapter. Deleting the active one switches to the first remaining adapter
     (with a warning); the last one is removed with ``paca.unload`` or folded with ``paca.merge``.
     """
-    _require_adapter(model, adapter_name)
+    resolve_adapter(model, adapter_name, "delete")
     remaining = [n for n in adapter_names(model) if n != adapter_name]
     if not remaining:
         raise ValueError(
