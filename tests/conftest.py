@@ -50,6 +50,19 @@ def token_batch(batch: int = 2, seq: int = 12, vocab: int = 96, seed: int = 1):
     return torch.randint(0, vocab, (batch, seq), generator=generator)
 
 
+def train_lm(model, ids, steps, lr=1e-2):
+    """AdamW steps of a causal LM on one batch (labels = inputs); returns the losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

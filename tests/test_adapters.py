@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_bert_classifier, tiny_llama, token_batch
+from conftest import tiny_bert_classifier, tiny_llama, token_batch, train_lm
 from torch import nn
 
 import paca
@@ -11,14 +11,8 @@ from paca.layer import PacaLinear
 
 def train(model, steps=3, lr=1e-2, seed=0):
     torch.manual_seed(seed)
-    ids = token_batch(seed=seed + 3)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    for _ in range(steps):
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return params
+    train_lm(model, token_batch(seed=seed + 3), steps, lr)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 @pytest.mark.parametrize("mode", ["merged", "additive"])

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
+from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch, train_lm
 from safetensors.torch import load_file
 
 import paca
@@ -13,12 +13,7 @@ from paca.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 def trained(model_fn=tiny_llama, steps=3, **enable):
     model = paca.enable(model_fn(), **({"r": 4} | enable))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = token_batch()
-    for _ in range(steps):
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train_lm(model, token_batch(), steps)
     return model
 
 

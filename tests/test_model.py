@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
+from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch, train_lm
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -25,17 +25,9 @@ def assert_unchanged(model, state, flags):
     assert not hasattr(model, "paca_config")
 
 
-def train(model, steps=8, lr=1e-2, batch=None, **forward):
-    ids = token_batch() if batch is None else batch
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
+def train(model, steps=8, lr=1e-2):
     model.train()
-    for _ in range(steps):
-        loss = model(ids, labels=ids, **forward).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_lm(model, token_batch(), steps, lr)
     model.eval()
     return losses
 

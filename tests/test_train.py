@@ -113,20 +113,9 @@ def test_classification_run_writes_adapter_metrics_and_config(tmp_path, tiny_ber
     ids = torch.tensor([[101, 2000, 2001, 2002, 102]])
     expected = model(ids).logits.detach()
     merged = tmp_path / "merged"
-    assert (
-        main(
-            [
-                "merge",
-                "--model",
-                str(tiny_bert),
-                "--adapter",
-                str(out / "adapter"),
-                "--output",
-                str(merged),
-            ]
-        )
-        == 0
-    )
+    merge_argv = ["merge", "--model", str(tiny_bert), "--adapter", str(out / "adapter")]
+    merge_argv += ["--output", str(merged)]
+    assert main(merge_argv) == 0
     code = (
         "import sys, json, torch; sys.modules['paca'] = None\n"
         "from transformers import AutoModelForSequenceClassification\n"
@@ -138,20 +127,7 @@ def test_classification_run_writes_adapter_metrics_and_config(tmp_path, tiny_ber
     torch.testing.assert_close(
         torch.tensor(json.loads(result.stdout)), expected, rtol=1e-5, atol=1e-5
     )
-    assert (
-        main(
-            [
-                "merge",
-                "--model",
-                str(tiny_bert),
-                "--adapter",
-                str(out / "adapter"),
-                "--output",
-                str(merged),
-            ]
-        )
-        == 2
-    )
+    assert main(merge_argv) == 2
 
 
 @pytest.mark.parametrize("method", ["lora", "full", "head"])
