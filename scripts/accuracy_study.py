@@ -25,11 +25,11 @@ from paca.train import TrainConfig, run
 
 # (name, method, r, alpha, learning rates to sweep)
 CONFIGS = [
-    ("PaCA r16 (= LoRA r8 params)", "paca", 16, 32, [5e-4, 1e-3, 2e-3]),
-    ("PaCA r8", "paca", 8, 16, [1e-3, 2e-3]),
-    ("LoRA r8", "lora", 8, 16, [5e-4, 1e-3]),
-    ("full fine-tuning", "full", 8, 16, [5e-5]),
-    ("head only", "head", 8, 16, [5e-3]),
+    ("PaCA r16 (= LoRA r8 params)", "paca", 16, 32, [5e-4, 1e-3, 2e-3, 4e-3, 8e-3]),
+    ("PaCA r8", "paca", 8, 16, [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]),
+    ("LoRA r8", "lora", 8, 16, [5e-4, 1e-3, 2e-3, 4e-3, 8e-3]),
+    ("full fine-tuning", "full", 8, 16, [2.5e-5, 5e-5, 1e-4, 2e-4]),
+    ("head only", "head", 8, 16, [5e-3, 1e-2, 2e-2]),
 ]
 SEEDS = [0, 1, 2]
 DOCS = Path(__file__).resolve().parents[1] / "docs"

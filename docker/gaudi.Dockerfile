@@ -1,0 +1,35 @@
+# paca on Intel Gaudi2: Intel's PyTorch image for Gaudi software 1.24 (the last release that
+# Optimum-Habana 1.21.2 supports) plus paca with the hpu extra, at the versions pinned in
+# docker/gaudi-pins.txt, the same pins the CI compat job tests paca against. Intel's torch
+# build is never replaced: pip is constrained to the version the image ships.
+# Build from the repository root:
+#   docker build -f docker/gaudi.Dockerfile -t paca:gaudi .
+# Run (the habana container runtime exposes the cards):
+#   docker run --rm -it --runtime=habana -e HABANA_VISIBLE_DEVICES=all \
+#     -e OMPI_MCA_btl_vader_single_copy_mechanism=none --cap-add=sys_nice \
+#     --net=host --ipc=host paca:gaudi bench --device hpu
+ARG GAUDI_VERSION=1.24.0
+ARG GAUDI_BUILD=1007
+ARG TORCH_VERSION=2.10.0
+ARG OS=ubuntu22.04
+FROM vault.habana.ai/gaudi-docker/${GAUDI_VERSION}/${OS}/habanalabs/pytorch-installer-${TORCH_VERSION}:${GAUDI_VERSION}-${GAUDI_BUILD}
+
+ARG PACA_EXTRAS=hpu,demo,plot
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
+    PT_HPU_LAZY_MODE=0
+
+WORKDIR /opt/paca
+COPY pyproject.toml README.md ./
+COPY paca ./paca
+COPY docker/gaudi-pins.txt ./docker/gaudi-pins.txt
+RUN python3 -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/torch-pin.txt \
+    && python3 -m pip install -c /tmp/torch-pin.txt -c docker/gaudi-pins.txt ".[${PACA_EXTRAS}]" \
+    && rm /tmp/torch-pin.txt \
+    && paca --help > /dev/null
+
+# Intel's images run as root and its device setup is documented for root; kept as is.
+WORKDIR /workspace
+ENTRYPOINT ["paca"]
+CMD ["--help"]
