@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from paca import ops
+from paca import ops, quant
 
 
 def conv1d_type() -> type | None:
@@ -28,16 +28,30 @@ def is_conv1d(module: nn.Module) -> bool:
     return cls is not None and isinstance(module, cls)
 
 
+def is_forward_only_linear(module: nn.Module) -> bool:
+    """A layer that declares ``in_features``/``out_features`` (or GPTQ's ``infeatures``/
+    ``outfeatures``), has no submodules and is not ``nn.Linear``: GPTQ, AWQ and similar quantized
+    layers that offer only a forward. paca adapts them in additive mode."""
+    return (
+        not isinstance(module, nn.Linear)
+        and quant.features(module) is not None
+        and next(module.children(), None) is None
+    )
+
+
 def is_linear(module: nn.Module) -> bool:
-    """Layers paca can adapt: ``nn.Linear`` (and subclasses, quantized ones included) and Conv1D."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """Layers paca can adapt: ``nn.Linear`` (and subclasses, quantized ones included), Conv1D and
+    forward-only linear layers (``is_forward_only_linear``)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_forward_only_linear(module)
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a linear or Conv1D layer."""
+    """``(in_features, out_features)`` of a linear, Conv1D or forward-only linear layer."""
     if is_conv1d(module):
         return module.weight.shape[0], module.weight.shape[1]
-    return module.in_features, module.out_features
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return quant.features(module)
 
 
 def has_user_hooks(module: nn.Module) -> bool:
@@ -56,7 +70,9 @@ def merged_unsupported_reason(module: nn.Module) -> str | None:
     """
     if type(module) is not nn.Linear and not (is_conv1d(module) and type(module) is conv1d_type()):
         return f"{type(module).__name__} has a forward of its own"
-    weight = module.weight
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return "it has no weight tensor"
     if type(weight.data) is not torch.Tensor:
         return f"its weight is a {type(weight.data).__name__} (sharded or wrapped)"
     if not weight.dtype.is_floating_point:
@@ -188,12 +204,12 @@ class PacaLinear(nn.Module):
 
     # -- views of the base layer, so code that inspects models keeps working
     @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+    def weight(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "weight", None)
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
+        return getattr(self.base_layer, "bias", None)
 
     def extra_repr(self) -> str:
         return (
@@ -255,12 +271,12 @@ class PacaLinear(nn.Module):
         """Adds a named adapter (``delta`` zero, not trainable until made active)."""
         if name in self.adapters:
             raise ValueError(f"this layer already has an adapter named {name!r}")
-        weight = self.base_layer.weight
-        idx = idx.to(device=weight.device, dtype=torch.long)
-        delta_dtype = (
-            ops.grad_dtype(weight.dtype) if weight.dtype.is_floating_point else torch.float32
-        )
-        delta = torch.zeros(self.out_features, idx.numel(), dtype=delta_dtype, device=weight.device)
+        device = quant.layer_device(self.base_layer)
+        idx = idx.to(device=device, dtype=torch.long)
+        weight = self.weight
+        floating = isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point
+        delta_dtype = ops.grad_dtype(weight.dtype) if floating else torch.float32
+        delta = torch.zeros(self.out_features, idx.numel(), dtype=delta_dtype, device=device)
         base_cols = self._base_cols_at(idx) if self.mode == "merged" else None
         adapter = PacaAdapter(idx, alpha, delta, base_cols)
         adapter.delta.requires_grad_(False)

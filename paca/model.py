@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from paca import backends
+from paca import backends, quant
 from paca.config import PacaConfig
 from paca.layer import (
     PacaAdapter,
@@ -196,8 +196,9 @@ def _find_targets(model: nn.Module, config: PacaConfig, trainable: list[str]) ->
             continue
         if not is_linear(module):
             raise ValueError(
-                f"target {name} is a {type(module).__name__}, not a linear layer; paca adapts "
-                "nn.Linear and transformers Conv1D layers: name those (e.g. its q_proj/v_proj)"
+                f"target {name} is a {type(module).__name__}, which paca cannot adapt; it adapts "
+                f"{quant.SUPPORTED}. Name such layers (e.g. its q_proj/v_proj) or exclude {name} "
+                "with exclude_modules"
             )
         matched.append(name)
     if config.exclude_modules is not None:
@@ -571,12 +572,20 @@ def _require_adapters(model: nn.Module, action: str) -> bool:
     return False
 
 
-def merge(model: nn.Module) -> nn.Module:
+def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Folds the active adapter into the weights; returns the model made of plain layers again.
 
     Safe: an adapter holding NaN or inf is refused before any weight is touched. Modules trained
     in full (``trainable_modules``) keep their trained weights. Other adapters are dropped (with
     a warning naming them). Calling it on a model without adapters warns and does nothing.
+
+    Quantized or forward-only base layers (QPaCA) are merged into a dequantized copy: each adapted
+    layer becomes a plain ``nn.Linear`` in ``dtype`` (default: the layer's compute dtype) holding
+    the dequantized weight with the trained columns, so the merged model computes what the
+    adapted one did. paca never re-quantizes: rounding the merged columns to the 4-bit grid would
+    erase most of the update (docs/qpaca.md measures how much). Layers that were not adapted stay
+    as they are (quantized); quantize the merged model again, or call transformers'
+    ``model.dequantize()`` for a fully floating-point model.
     """
     if not _require_adapters(model, "merge"):
         return model
@@ -588,14 +597,13 @@ def merge(model: nn.Module) -> nn.Module:
             raise ValueError(
                 f"delta of {name} holds NaN or inf; refusing to merge (model unchanged)"
             )
-        if layer.mode == "additive":
-            weight = layer.base_layer.weight
-            if type(weight.data) is not torch.Tensor or not weight.dtype.is_floating_point:
-                raise ValueError(
-                    f"cannot merge into {name}: its {type(layer.base_layer).__name__} weight is "
-                    f"{type(weight.data).__name__} of dtype {weight.dtype}; save the adapter with "
-                    "paca.save_adapter and load it onto an unquantized, unsharded model to merge"
-                )
+        weight = layer.weight
+        if layer.mode == "additive" and hasattr(weight, "device_mesh"):
+            raise ValueError(
+                f"cannot merge into {name}: its weight is sharded ({type(weight).__name__}); "
+                "gather a full state dict first, or save the adapter with paca.save_adapter and "
+                "load it onto an unsharded model to merge"
+            )
     others = [n for n in adapter_names(model) if n != getattr(model, _ACTIVE_ATTR)]
     if others:
         warnings.warn(
@@ -603,7 +611,14 @@ def merge(model: nn.Module) -> nn.Module:
             UserWarning,
             stacklevel=2,
         )
-    for _, layer in layers:
+    # Dequantize every layer that needs it before touching any: a refusal leaves the model as is.
+    dense = {}
+    for name, layer in layers:
+        if layer.mode == "additive" and quant.is_quantized(layer.base_layer):
+            dense[name] = quant.to_float_linear(layer.base_layer, dtype)
+    for name, layer in layers:
+        if name in dense:
+            layer.base_layer, layer.transposed = dense[name], False
         layer.fold()
     return _finish(model, "trained")
 

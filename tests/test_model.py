@@ -154,7 +154,7 @@ def test_all_linear_skips_output_head_and_regex_and_exclude():
         (dict(target_modules="q_proj"), "A string is a regular expression"),
         (
             dict(target_modules=["mlp"]),
-            r"target model.layers.0.mlp is a LlamaMLP, not a linear layer",
+            "target model.layers.0.mlp is a LlamaMLP, which paca cannot adapt; it adapts nn.Linear",
         ),
         (dict(mode="fast"), "mode='fast' is not one of"),
         (dict(selection="best"), "selection='best' is unknown"),
