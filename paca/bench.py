@@ -20,6 +20,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import paca
-from paca import backends, ops
+from paca import backends, ops, quant
 
 METHODS = ("frozen", "paca", "paca-additive", "lora", "dora", "full")
 ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -58,6 +59,9 @@ class BenchConfig:
         output (str): folder for ``bench.json``, ``bench.md`` (and ``bench.png``).
         plot (bool): also draw ``bench.png`` (needs matplotlib: ``pip install paca[plot]``).
         seed (int): seed of the model and inputs.
+        quantize (str | None): ``"4bit"`` (nf4) or ``"8bit"`` (LLM.int8): the base model's
+            linear layers are bitsandbytes layers, so ``paca`` is QPaCA and ``lora`` is QLoRA
+            (same base quantization, same r and targets); ``full`` and ``dora`` are skipped.
     """
 
     model: str = "llama"
@@ -77,6 +81,7 @@ class BenchConfig:
     output: str = "paca-bench"
     plot: bool = False
     seed: int = 0
+    quantize: str | None = None
 
     @classmethod
     def quick(cls, **overrides) -> BenchConfig:
@@ -91,6 +96,8 @@ class BenchConfig:
             raise ValueError(f"unknown bench methods {unknown}; choose from {list(METHODS)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r}: use float32 or bfloat16")
+        if self.quantize is not None and self.quantize not in quant.BITS:
+            raise ValueError(f"quantize={self.quantize!r}: choose one of {list(quant.BITS)}")
         for name in ("hidden", "layers", "vocab", "seq", "batch", "r", "rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -133,7 +140,17 @@ def build_model(cfg: BenchConfig) -> nn.Module:
             )
         model = transformers.AutoModelForCausalLM.from_pretrained(path)
     # .to(dtype) rather than a dtype argument, whose name differs between transformers 4 and 5
-    return model.to(dtype).eval()
+    model = model.to(dtype).eval()
+    if cfg.quantize is None:
+        return model
+    # Quantized as users get it: saved, then loaded with a BitsAndBytesConfig (lm_head stays as is).
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        config = quant.bnb_config(cfg.quantize, compute_dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=config
+        )
+    return model.eval()
 
 
 def _targets(model: nn.Module) -> list[str] | str:
@@ -379,6 +396,9 @@ def max_seq(
 def available_methods(cfg: BenchConfig) -> tuple[list[str], dict[str, str]]:
     methods, skipped = [], {}
     for method in cfg.methods:
+        if cfg.quantize and method in ("full", "dora"):
+            skipped[method] = f"not run on a {cfg.quantize} base"
+            continue
         if method in ("lora", "dora"):
             try:
                 import peft
@@ -520,9 +540,14 @@ def write_report(report: dict, output: Path, plot: bool = False) -> None:
     output.mkdir(parents=True, exist_ok=True)
     (output / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     cfg = report["config"]
+    base = (
+        f"{cfg['quantize']} base (bitsandbytes), compute {cfg['dtype']}"
+        if cfg.get("quantize")
+        else cfg["dtype"]
+    )
     lines = [
         f"# paca bench: {cfg['model']} hidden {cfg['hidden']}, {cfg['layers']} layers, "
-        f"seq {cfg['seq']}, batch {cfg['batch']}, r {cfg['r']}, {cfg['dtype']} "
+        f"seq {cfg['seq']}, batch {cfg['batch']}, r {cfg['r']}, {base} "
         f"on {report['machine']['device']}",
         "",
         table(report),

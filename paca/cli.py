@@ -36,6 +36,12 @@ def _bench_parser(sub) -> None:
         default=",".join(METHODS),
         help=f"comma-separated subset of {','.join(METHODS)}",
     )
+    p.add_argument(
+        "--quantize",
+        choices=["4bit", "8bit"],
+        default=None,
+        help="bitsandbytes base (needs paca[quant]): paca is then QPaCA and lora QLoRA",
+    )
     p.add_argument("--output", default=defaults.output)
     p.add_argument("--plot", action="store_true", help="also write bench.png (needs matplotlib)")
     p.add_argument(
@@ -145,6 +151,12 @@ def _train_parser(sub) -> None:
     )
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--quantize",
+        choices=["4bit", "8bit"],
+        default=None,
+        help="load the base as bitsandbytes 4-bit/8-bit layers (QPaCA; needs paca[quant])",
+    )
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--output", default=defaults.output)
     p.add_argument(

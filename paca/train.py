@@ -62,6 +62,10 @@ class TrainConfig:
         device (str): ``auto``, ``cpu``, ``cuda`` or ``hpu``.
         output (str): folder for the adapter, ``metrics.json`` and ``train_config.json``.
         resume (bool): continue from the checkpoint of an interrupted run with this output.
+        quantize (str | None): ``"4bit"`` (nf4) or ``"8bit"`` (LLM.int8): load the base model's
+            linear layers as bitsandbytes layers (``pip install "paca[quant]"``); paca then
+            trains beside them in additive mode (QPaCA) and lora is QLoRA. The classification
+            head stays unquantized and trained.
         logging_steps (int): steps between loss lines.
     """
 
@@ -84,6 +88,7 @@ class TrainConfig:
     output: str = "paca-out"
     resume: bool = False
     logging_steps: int = 25
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -101,6 +106,16 @@ class TrainConfig:
                 raise TrainError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
         if self.max_steps < 0 or (self.max_steps == 0 and not self.epochs > 0):
             raise TrainError("give --max-steps > 0 or --epochs > 0")
+        if self.quantize is not None:
+            from paca.quant import BITS
+
+            if self.quantize not in BITS:
+                raise TrainError(f"--quantize {self.quantize!r}: choose one of {', '.join(BITS)}")
+            if self.method == "full":
+                raise TrainError(
+                    "--method full cannot train a quantized model; drop --quantize, or use "
+                    "--method paca or lora"
+                )
         if self.lr is not None and not self.lr > 0:
             raise TrainError(f"--lr {self.lr} must be > 0")
 
@@ -299,6 +314,7 @@ def run(cfg: TrainConfig) -> dict:
 
     from paca import backends
     from paca.loading import load_model_class
+    from paca.quant import is_quantized
 
     output = Path(cfg.output)
     if output.exists():
@@ -318,6 +334,17 @@ def run(cfg: TrainConfig) -> dict:
     for split_items in rows.values():
         _require_fields(split_items, fields, str(data_path))
     transformers.set_seed(cfg.seed)
+    extra = {}
+    if cfg.quantize:
+        from paca.model import _HEAD_NAMES
+        from paca.quant import bnb_config
+
+        try:  # the head stays unquantized and trained
+            skip = list(_HEAD_NAMES) if cfg.task == "classification" else None
+            dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+            extra["quantization_config"] = bnb_config(cfg.quantize, dtype, skip)
+        except ValueError as exc:
+            raise TrainError(f"--quantize {cfg.quantize}: {exc}") from None
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_path))
     if cfg.task == "classification":
         labels = sorted({str(r["label"]) for items in rows.values() for r in items})
@@ -330,6 +357,7 @@ def run(cfg: TrainConfig) -> dict:
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
+            **extra,
         )
         datasets = classification_data(rows, tokenizer, cfg, labels)
         collator = transformers.DataCollatorWithPadding(tokenizer)
@@ -339,11 +367,13 @@ def run(cfg: TrainConfig) -> dict:
             raise TrainError(f"the tokenizer of {model_path} has no eos_token; causal-lm needs one")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = load_model_class(str(model_path), "causal-lm").from_pretrained(str(model_path))
+        model_class = load_model_class(str(model_path), "causal-lm")
+        model = model_class.from_pretrained(str(model_path), **extra)
         datasets = causal_lm_data(rows, tokenizer, cfg)
         collator = _CausalCollator(tokenizer.pad_token_id)
     model = apply_method(model, cfg, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    quantized = sum(is_quantized(m) for n, m in model.named_modules() if n.endswith(".base_layer"))
 
     partial = _partial_dir(output)
     if partial.exists() and not cfg.resume:
@@ -355,6 +385,7 @@ def run(cfg: TrainConfig) -> dict:
     try:
         metrics = _train(model, tokenizer, datasets, collator, cfg, device, partial, labels)
         metrics["trainable_params"] = trainable
+        metrics["quantized_base_layers"] = quantized  # adapted layers (PaCA or LoRA) over one
         _save(model, cfg, partial / "adapter", tokenizer)
         (partial / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         settings = dataclasses.asdict(cfg) | {
@@ -375,6 +406,8 @@ def run(cfg: TrainConfig) -> dict:
 def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, labels) -> dict:
     import numpy as np
     import transformers
+
+    from paca.integrations.hf import quantized_training
 
     def accuracy(prediction):
         logits = (
@@ -419,20 +452,27 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
         report_to=[],
         seed=cfg.seed,
         bf16=cfg.bf16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
         use_cpu=device.type == "cpu",
         dataloader_num_workers=0,
         remove_unused_columns=False,
         label_names=["labels"],
     )
-    trainer = transformers.Trainer(
-        model=model,
-        args=args,
-        train_dataset=datasets["train"],
-        data_collator=collator,
-        compute_metrics=accuracy if labels else None,
-    )
+    if cfg.gradient_checkpointing:
+        # on the model rather than through TrainingArguments: transformers 5 renamed both to
+        # activation_checkpointing; non-reentrant, so the inputs need no grad
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    with quantized_training(model):
+        trainer = transformers.Trainer(
+            model=model,
+            args=args,
+            train_dataset=datasets["train"],
+            data_collator=collator,
+            compute_metrics=accuracy if labels else None,
+        )
     # ahead of the progress bar's callback, so the loss line it prints carries the throughput
     trainer.callback_handler.callbacks.insert(0, _Throughput())
     evaluate = {s: d for s, d in datasets.items() if s != "train" and len(d)}

@@ -119,3 +119,20 @@ def test_parse_bytes():
     assert bench.parse_bytes("4GiB") == 4 * 2**30
     assert bench.parse_bytes("1.5 MiB") == int(1.5 * 2**20)
     assert bench.parse_bytes("2GB") == 2 * 10**9
+
+
+def test_quantized_base_runs_qpaca_against_qlora(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    cfg = bench.BenchConfig.quick(
+        quantize="4bit", methods=["frozen", "paca", "lora", "full"], output=str(tmp_path)
+    )
+    report = bench.run(cfg, progress=False)
+    assert list(report["methods"]) == ["frozen", "paca", "lora"]
+    assert "full" in report["skipped"]
+    rows = report["methods"]
+    assert rows["paca"]["saved_bytes"] < rows["lora"]["saved_bytes"]
+    assert "4bit base" in (tmp_path / "bench.md").read_text()
+    # the harness really ran on bitsandbytes layers, PaCA beside them in additive mode
+    model, _ = bench.prepare("paca", bench.build_model(cfg), cfg, torch.device("cpu"))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.mode == "additive" and isinstance(layer.base_layer, bnb.nn.Linear4bit)

@@ -294,3 +294,20 @@ def test_hugging_face_quantized_model_trains_saves_loads_and_merges(llama_folder
         # LLM.int8 also rounds the activations (to fp16, then int8 rows), which a floating-point
         # copy does not (about 0.5% of the largest logit here); the trained update is far larger
         assert gap < 0.2 * (untrained - want).abs().max().item()
+
+
+def test_hugging_face_trainer_accepts_a_quantized_paca_model(llama_folder, tmp_path):
+    from paca.integrations.hf import quantized_training
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    model = load_quantized(llama_folder, "4bit")
+    with pytest.raises(ValueError, match="purely quantized"):  # transformers' own refusal
+        transformers.Trainer(model=model, args=args)
+    with pytest.raises(ValueError, match="has no PaCA adapters: call paca.enable"):
+        with quantized_training(model):
+            pass
+    paca.enable(model, r=4)
+    with quantized_training(model):
+        trainer = transformers.Trainer(model=model, args=args)
+    assert trainer.model is model and "_hf_peft_config_loaded" not in vars(model)
+    assert not model._hf_peft_config_loaded  # transformers' class default again

@@ -141,7 +141,10 @@ def test_comparison_methods_run(tmp_path, tiny_bert, method):
     ] == method
 
 
-def test_causal_lm_loss_falls_and_the_adapter_generates(tmp_path, tiny_llama_folder):
+@pytest.mark.parametrize("quantize", [None, "4bit"])
+def test_causal_lm_loss_falls_and_the_adapter_generates(tmp_path, tiny_llama_folder, quantize):
+    if quantize:
+        pytest.importorskip("bitsandbytes")
     data = tmp_path / "chat.jsonl"
     with data.open("w") as f:
         for i in range(40):
@@ -153,6 +156,7 @@ def test_causal_lm_loss_falls_and_the_adapter_generates(tmp_path, tiny_llama_fol
             )
     out = tmp_path / "lm"
     argv = ["train", "--task", "causal-lm", "--model", str(tiny_llama_folder), "--data", str(data)]
+    argv += ["--quantize", quantize] if quantize else []
     assert (
         main(
             [*argv, "--max-steps", "30", "--batch-size", "8", "--lr", "1e-2", "--output", str(out)]
@@ -161,6 +165,7 @@ def test_causal_lm_loss_falls_and_the_adapter_generates(tmp_path, tiny_llama_fol
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["after"]["validation"]["loss"] < metrics["before"]["validation"]["loss"] - 0.5
+    assert metrics["quantized_base_layers"] == (14 if quantize else 0)  # 2 layers x 7 targets
     from transformers import AutoModelForCausalLM
 
     model = paca.load_adapter(
@@ -179,11 +184,17 @@ def test_causal_lm_loss_falls_and_the_adapter_generates(tmp_path, tiny_llama_fol
         ("nolabel", ["--data", "{tmp}/nolabel.jsonl"], "nolabel.jsonl line 2: no label field"),
         (None, ["--task", "translation"], "--task 'translation' is unknown"),
         (None, ["--model", "{tmp}/no-such-model"], "no-such-model: no such folder"),
+        (None, ["--quantize", "4bit", "--method", "full"], "full cannot train a quantized model"),
+        (
+            "nobnb",
+            ["--quantize", "4bit"],
+            "needs bitsandbytes, which is not installed: pip install",
+        ),
         ("good", ["--data", "{tmp}/good.jsonl", "--r", "4096"], "r=4096 exceeds in_features=32"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output(
-    tmp_path, tiny_bert, capsys, setup, args, message
+    tmp_path, tiny_bert, capsys, monkeypatch, setup, args, message
 ):
     if setup == "bad":
         (tmp_path / "bad.jsonl").write_text(
@@ -195,6 +206,8 @@ def test_bad_input_is_one_line_exit_2_and_no_output(
         (tmp_path / "nolabel.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b"}\n')
     if setup == "good":
         _classification_file(tmp_path / "good.jsonl", n=10)
+    if setup == "nobnb":
+        monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # its import now fails
     argv = [
         "train",
         "--model",

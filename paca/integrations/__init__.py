@@ -1,0 +1,1 @@
+"""Integrations with training engines. Each module imports its engine lazily."""
