@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import paca
 from paca import backends, ops, quant
+from paca.loading import dtype_argument
 
 METHODS = ("frozen", "paca", "paca-additive", "lora", "dora", "full")
 ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -148,7 +149,7 @@ def build_model(cfg: BenchConfig) -> nn.Module:
         model.save_pretrained(folder)
         config = quant.bnb_config(cfg.quantize, compute_dtype=dtype)
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, quantization_config=config
+            folder, quantization_config=config, **dtype_argument(dtype)
         )
     return model.eval()
 

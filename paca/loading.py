@@ -5,6 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def dtype_argument(dtype) -> dict:
+    """``from_pretrained``'s keyword for the weights' dtype: ``dtype`` since transformers 4.56,
+    ``torch_dtype`` before (the Gaudi images pin 4.55)."""
+    import transformers
+    from packaging.version import Version
+
+    name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {name: dtype}
+
+
 def load_model_class(name_or_path: str, task: str | None = None):
     """The transformers class for a model folder: by task, else by its config's architecture."""
     import transformers

@@ -580,12 +580,13 @@ def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     a warning naming them). Calling it on a model without adapters warns and does nothing.
 
     Quantized or forward-only base layers (QPaCA) are merged into a dequantized copy: each adapted
-    layer becomes a plain ``nn.Linear`` in ``dtype`` (default: the layer's compute dtype) holding
-    the dequantized weight with the trained columns, so the merged model computes what the
-    adapted one did. paca never re-quantizes: rounding the merged columns to the 4-bit grid would
-    erase most of the update (docs/qpaca.md measures how much). Layers that were not adapted stay
-    as they are (quantized); quantize the merged model again, or call transformers'
-    ``model.dequantize()`` for a fully floating-point model.
+    layer becomes a plain ``nn.Linear`` in ``dtype`` (default: the dtype of most of the model's
+    other floating-point weights, so the layer fits its neighbours; the layer's compute dtype if
+    there are none) holding the dequantized weight with the trained columns, so the merged model
+    computes what the adapted one did. paca never re-quantizes: rounding the merged columns to
+    the 4-bit grid would erase much of the update (docs/qpaca.md measures how much). Layers that
+    were not adapted stay as they are (quantized); quantize the merged model again, or call
+    transformers' ``model.dequantize()`` for a fully floating-point model.
     """
     if not _require_adapters(model, "merge"):
         return model
@@ -612,15 +613,27 @@ def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
             stacklevel=2,
         )
     # Dequantize every layer that needs it before touching any: a refusal leaves the model as is.
-    dense = {}
-    for name, layer in layers:
-        if layer.mode == "additive" and quant.is_quantized(layer.base_layer):
-            dense[name] = quant.to_float_linear(layer.base_layer, dtype)
+    quantized = [
+        (name, layer)
+        for name, layer in layers
+        if layer.mode == "additive" and quant.is_quantized(layer.base_layer)
+    ]
+    dtype = dtype or (_prevailing_float_dtype(model) if quantized else None)
+    dense = {name: quant.to_float_linear(layer.base_layer, dtype) for name, layer in quantized}
     for name, layer in layers:
         if name in dense:
             layer.base_layer, layer.transposed = dense[name], False
         layer.fold()
     return _finish(model, "trained")
+
+
+def _prevailing_float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype holding most of the model's parameters (None if it has none)."""
+    sizes: dict[torch.dtype, int] = {}
+    for param in model.parameters():
+        if param.dtype.is_floating_point:
+            sizes[param.dtype] = sizes.get(param.dtype, 0) + param.numel()
+    return max(sizes, key=sizes.get) if sizes else None
 
 
 def unload(model: nn.Module) -> nn.Module:

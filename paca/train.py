@@ -313,7 +313,7 @@ def run(cfg: TrainConfig) -> dict:
     import transformers
 
     from paca import backends
-    from paca.loading import load_model_class
+    from paca.loading import dtype_argument, load_model_class
     from paca.quant import is_quantized
 
     output = Path(cfg.output)
@@ -343,6 +343,8 @@ def run(cfg: TrainConfig) -> dict:
             skip = list(_HEAD_NAMES) if cfg.task == "classification" else None
             dtype = torch.bfloat16 if cfg.bf16 else torch.float32
             extra["quantization_config"] = bnb_config(cfg.quantize, dtype, skip)
+            # the unquantized rest in the compute dtype (transformers 4.x would pick float16)
+            extra.update(dtype_argument(dtype))
         except ValueError as exc:
             raise TrainError(f"--quantize {cfg.quantize}: {exc}") from None
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_path))

@@ -14,7 +14,7 @@ def _losses(model, steps, compiled):
     losses = []
     model.train()
     for _ in range(steps):
-        loss = forward(input_ids=ids, labels=ids).loss
+        loss = forward(input_ids=ids, labels=ids, use_cache=False).loss  # training: no KV cache
         loss.backward()
         opt.step()  # the optimizer hook re-writes the merged columns between graphs
         opt.zero_grad()

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import paca
 from paca import quant
+from paca.loading import dtype_argument
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -254,9 +255,10 @@ def llama_folder(tmp_path_factory):
     return folder
 
 
-def load_quantized(folder, bits):
+def load_quantized(folder, bits, dtype=torch.float32):
+    # the dtype of the unquantized rest given explicitly: transformers 4.x would pick float16
     return transformers.AutoModelForCausalLM.from_pretrained(
-        folder, quantization_config=quant.bnb_config(bits)
+        folder, quantization_config=quant.bnb_config(bits), **dtype_argument(dtype)
     )
 
 
@@ -294,6 +296,21 @@ def test_hugging_face_quantized_model_trains_saves_loads_and_merges(llama_folder
         # LLM.int8 also rounds the activations (to fp16, then int8 rows), which a floating-point
         # copy does not (about 0.5% of the largest logit here); the trained update is far larger
         assert gap < 0.2 * (untrained - want).abs().max().item()
+
+
+def test_merge_gives_quantized_layers_the_dtype_of_the_rest_of_the_model(llama_folder):
+    model = paca.enable(load_quantized(llama_folder, "4bit", dtype=torch.float16), r=4)
+    for _, layer in paca.paca_layers(model):
+        torch.nn.init.normal_(layer.delta, std=0.05)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.eval()(ids).logits.float()
+    merged = paca.merge(model)
+    q_proj = merged.model.layers[0].self_attn.q_proj
+    assert type(q_proj) is nn.Linear and q_proj.weight.dtype == torch.float16
+    with torch.no_grad():  # runs (a float32 layer among float16 ones would not) and agrees
+        got = merged(ids).logits.float()
+    assert (got - want).abs().max() < 2e-2 * want.abs().max()
 
 
 def test_hugging_face_trainer_accepts_a_quantized_paca_model(llama_folder, tmp_path):
