@@ -34,8 +34,18 @@ __version__ = "0.1.0"
 # model is enabled on such a device.
 _backends.load("cpu")
 
+
+def __getattr__(name: str):
+    if name == "Trainer":  # imports transformers' Trainer only when asked for
+        from paca.integrations.hf import Trainer
+
+        return Trainer
+    raise AttributeError(f"module 'paca' has no attribute {name!r}")
+
+
 __all__ = [
     "PacaConfig",
+    "Trainer",
     "adapter_names",
     "add_adapter",
     "delete_adapter",

@@ -142,6 +142,12 @@ def _train_parser(sub) -> None:
         p.add_argument(
             f"--{name.replace('_', '-')}", dest=name, type=int, default=getattr(defaults, name)
         )
+    p.add_argument(
+        "--save-steps",
+        type=int,
+        default=defaults.save_steps,
+        help="steps between checkpoints for --resume (default 0: a third of the run, >= 50)",
+    )
     p.add_argument("--alpha", type=float, default=defaults.alpha)
     p.add_argument(
         "--lr", type=float, default=None, help="default: per method (paca.train.DEFAULT_LR)"

@@ -9,7 +9,10 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from paca import ops, quant
 
@@ -102,10 +105,43 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
                 layer.sync_weight(force=True)
 
 
+def _before_optimizer_step(optimizer, args, kwargs) -> None:
+    # A merged layer whose delta parameter was replaced after enable (FSDP2's fully_shard turns
+    # it into a DTensor; load_state_dict(assign=True) swaps it) is no longer found by the
+    # post-hook above. A plain replacement is registered again; a sharded one cannot be written
+    # into the weight's columns, so the step is refused before anything changes.
+    stale = [
+        layer
+        for key, layer in list(_LAYERS.items())
+        if layer.mode == "merged"
+        and layer.active_adapter is not None
+        and id(layer.delta) != key
+        and _LAYERS.get(id(layer.delta)) is not layer
+    ]
+    if not stale:
+        return
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for layer in stale:
+        if id(layer.delta) not in owned:
+            continue
+        if hasattr(layer.delta, "device_mesh"):
+            raise RuntimeError(
+                f"a merged-mode PaCA layer ({layer.in_features}->{layer.out_features}) has a "
+                f"sharded delta ({type(layer.delta.data).__name__}): merged mode writes the "
+                "trained columns into the weight after each step and cannot do that into a "
+                "sharded weight. Call paca.enable(model, mode='additive') before fully_shard "
+                "(additive mode trains sharded models exactly); nothing was changed by this step"
+            )
+        _LAYERS[id(layer.delta)] = layer
+
+
 def _install_optimizer_hook() -> None:
     global _hook_handle
     if _hook_handle is None:
-        _hook_handle = register_optimizer_step_post_hook(_after_optimizer_step)
+        _hook_handle = (
+            register_optimizer_step_pre_hook(_before_optimizer_step),
+            register_optimizer_step_post_hook(_after_optimizer_step),
+        )
 
 
 class PacaAdapter(nn.Module):

@@ -44,6 +44,10 @@ def load_model(name_or_path: str, adapter: str | None = None):
         raise ValueError(f"--model {name_or_path}: no such folder")
     if adapter is not None and (Path(adapter) / "config.json").is_file():
         config = transformers.AutoConfig.from_pretrained(adapter)
+        # an adapter trained on a quantized base (QPaCA) merges onto the floating-point base
+        # model; its config must not make transformers expect a pre-quantized checkpoint
+        if getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config
         model_class = load_model_class(adapter)
         return model_class.from_pretrained(name_or_path, config=config)
     return load_model_class(name_or_path).from_pretrained(name_or_path)

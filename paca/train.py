@@ -7,6 +7,7 @@ on the embedded standard-library docstring task (``paca/data``), offline.
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import gzip
@@ -67,6 +68,9 @@ class TrainConfig:
             trains beside them in additive mode (QPaCA) and lora is QLoRA. The classification
             head stays unquantized and trained.
         logging_steps (int): steps between loss lines.
+        save_steps (int): steps between checkpoints (what ``resume`` continues from; for
+            ``paca`` they hold the adapter and optimizer state, not the model); 0: a third of
+            the run, at least 50.
     """
 
     model: str | None = None
@@ -89,6 +93,7 @@ class TrainConfig:
     resume: bool = False
     logging_steps: int = 25
     quantize: str | None = None
+    save_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -104,6 +109,8 @@ class TrainConfig:
         for name in ("r", "batch_size", "grad_accum", "seq_len", "logging_steps"):
             if getattr(self, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
+        if self.save_steps < 0:
+            raise TrainError(f"--save-steps {self.save_steps} must be >= 0")
         if self.max_steps < 0 or (self.max_steps == 0 and not self.epochs > 0):
             raise TrainError("give --max-steps > 0 or --epochs > 0")
         if self.quantize is not None:
@@ -409,6 +416,7 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
     import numpy as np
     import transformers
 
+    from paca.integrations.hf import Trainer as AdapterTrainer
     from paca.integrations.hf import quantized_training
 
     def accuracy(prediction):
@@ -448,7 +456,7 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
         weight_decay=0.0,
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
-        save_steps=max(50, total // 3),
+        save_steps=cfg.save_steps or max(50, total // 3),
         save_total_limit=1,
         eval_strategy="no",
         report_to=[],
@@ -467,8 +475,10 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # paca's Trainer checkpoints the adapter alone (not a copy of the model)
+    trainer_class = AdapterTrainer if cfg.method == "paca" else transformers.Trainer
     with quantized_training(model):
-        trainer = transformers.Trainer(
+        trainer = trainer_class(
             model=model,
             args=args,
             train_dataset=datasets["train"],
@@ -518,9 +528,13 @@ def _save(model, cfg: TrainConfig, path: Path, tokenizer) -> None:
 
     if cfg.method == "paca":
         paca.save_adapter(model, path)
-        # the head class and label names, so `paca merge` rebuilds the same model
-        model.config.architectures = [type(model).__name__]
-        model.config.save_pretrained(path)
+        # the head class and label names, so `paca merge` rebuilds the same model (onto the
+        # floating-point base: the quantization settings are in train_config.json)
+        config = copy.deepcopy(model.config)
+        config.architectures = [type(model).__name__]
+        if getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config
+        config.save_pretrained(path)
     elif cfg.method == "lora":
         model.save_pretrained(path)
     elif cfg.method == "full":

@@ -132,6 +132,8 @@ def test_quantized_base_runs_qpaca_against_qlora(tmp_path):
     rows = report["methods"]
     assert rows["paca"]["saved_bytes"] < rows["lora"]["saved_bytes"]
     assert "4bit base" in (tmp_path / "bench.md").read_text()
+    assert list(report["bar"]) == ["step time < 1.00x QLoRA", "saved bytes < 1.00x QLoRA"]
+    assert report["bar"]["saved bytes < 1.00x QLoRA"]["met"]
     # the harness really ran on bitsandbytes layers, PaCA beside them in additive mode
     model, _ = bench.prepare("paca", bench.build_model(cfg), cfg, torch.device("cpu"))
     layer = model.model.layers[0].self_attn.q_proj

@@ -375,3 +375,24 @@ def test_model_moved_with_to_keeps_adapters_consistent():
     layer = paca.paca_layers(model)[0][1]
     assert layer.delta.dtype == layer.base_cols.dtype == torch.float64
     torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_replaced_delta_parameter_still_gets_its_columns_written():
+    # load_state_dict(assign=True) swaps the delta Parameter objects; a fused AdamW does not bump
+    # _version, so only the optimizer hooks keep the merged columns current
+    ids = token_batch()
+    trained = {}
+    for mode in ("merged", "additive"):
+        model = paca.enable(tiny_llama(), r=4, mode=mode, seed=3)
+        state = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("delta")}
+        model.load_state_dict(state, strict=False, assign=True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
+        for _ in range(3):
+            model(ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():
+            trained[mode] = model(ids).logits
+    assert not torch.allclose(trained["merged"], tiny_llama()(ids).logits, atol=1e-3)
+    torch.testing.assert_close(trained["merged"], trained["additive"], rtol=1e-5, atol=1e-5)

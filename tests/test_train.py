@@ -173,6 +173,58 @@ def test_causal_lm_loss_falls_and_the_adapter_generates(tmp_path, tiny_llama_fol
     )
     generated = model.generate(torch.tensor([[101, 3160, 1014]]), max_new_tokens=5, do_sample=False)
     assert generated.shape == (1, 8)
+    # paca merge puts a QPaCA adapter onto the floating-point base
+    merge_argv = ["merge", "--model", str(tiny_llama_folder), "--adapter", str(out / "adapter")]
+    assert main([*merge_argv, "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert getattr(merged.config, "quantization_config", None) is None
+    with torch.no_grad():
+        ids = torch.tensor([[101, 3160, 1014]])
+        torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_after_an_interruption_gives_the_uninterrupted_adapter(
+    tmp_path, tiny_llama_folder, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    from paca.integrations.hf import Trainer
+
+    data = tmp_path / "text.jsonl"
+    with data.open("w") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": f"the answer {i % 5} is socket server"}) + "\n")
+    argv = ["train", "--task", "causal-lm", "--model", str(tiny_llama_folder), "--data", str(data)]
+    argv += ["--max-steps", "6", "--save-steps", "3", "--batch-size", "4", "--lr", "1e-2"]
+    assert main([*argv, "--output", str(tmp_path / "straight")]) == 0
+
+    class Interrupted(Exception):
+        pass
+
+    calls = []
+    step = Trainer.training_step
+
+    def crashing_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # in step 5, after the checkpoint of step 3
+            raise Interrupted
+        return step(self, *args, **kwargs)
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "training_step", crashing_step)
+        with pytest.raises(Interrupted):
+            main([*argv, "--output", str(out)])
+    checkpoint = tmp_path / ".out.partial" / "checkpoints" / "checkpoint-3"
+    assert (checkpoint / "adapter.safetensors").is_file() and not out.exists()
+    assert not list(checkpoint.glob("model*.safetensors"))  # the adapter, not the model
+    assert main([*argv, "--output", str(out), "--resume"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 6
+    want = load_file(tmp_path / "straight" / "adapter" / "adapter.safetensors")
+    got = load_file(out / "adapter" / "adapter.safetensors")
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(
