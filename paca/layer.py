@@ -78,6 +78,8 @@ def merged_unsupported_reason(module: nn.Module) -> str | None:
         return "it has no weight tensor"
     if type(weight.data) is not torch.Tensor:
         return f"its weight is a {type(weight.data).__name__} (sharded or wrapped)"
+    if hasattr(weight, "ds_id"):
+        return "its weight is partitioned by DeepSpeed ZeRO-3"
     if not weight.dtype.is_floating_point:
         return f"its weight has dtype {weight.dtype}"
     if weight.is_meta:

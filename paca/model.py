@@ -583,10 +583,10 @@ def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     layer becomes a plain ``nn.Linear`` in ``dtype`` (default: the dtype of most of the model's
     other floating-point weights, so the layer fits its neighbours; the layer's compute dtype if
     there are none) holding the dequantized weight with the trained columns, so the merged model
-    computes what the adapted one did. paca never re-quantizes: rounding the merged columns to
-    the 4-bit grid would erase much of the update (docs/qpaca.md measures how much). Layers that
-    were not adapted stay as they are (quantized); quantize the merged model again, or call
-    transformers' ``model.dequantize()`` for a fully floating-point model.
+    computes what the adapted one did. paca never re-quantizes, which would change the model
+    that was trained (docs/qpaca.md measures by how much for nf4). Layers that were not adapted
+    stay as they are (quantized); quantize the merged model again, or call transformers'
+    ``model.dequantize()`` for a fully floating-point model.
     """
     if not _require_adapters(model, "merge"):
         return model

@@ -315,6 +315,15 @@ def test_hooks_are_honoured_in_auto_mode_and_warned_in_merged():
         paca.enable(other, r=2, mode="merged")
 
 
+def test_auto_mode_picks_additive_for_a_deepspeed_zero3_weight():
+    model = tiny_llama()
+    model.model.layers[0].mlp.up_proj.weight.ds_id = 7  # what ZeRO-3 puts on its parameters
+    paca.enable(model, r=2)
+    modes = dict((n, layer.mode) for n, layer in paca.paca_layers(model))
+    assert modes["model.layers.0.mlp.up_proj"] == "additive"
+    assert modes["model.layers.0.mlp.down_proj"] == "merged"
+
+
 @pytest.mark.parametrize("reentrant", [True, False])
 @pytest.mark.parametrize("mode", ["merged", "additive"])
 def test_gradient_checkpointing_gives_the_same_gradients(reentrant, mode):

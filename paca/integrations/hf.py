@@ -74,21 +74,16 @@ def _is_sharded(model: nn.Module) -> bool:
     return any(hasattr(p, "device_mesh") for p in model.parameters() if p.requires_grad)
 
 
-class Trainer(transformers.Trainer):
-    """``transformers.Trainer`` whose checkpoints hold the PaCA adapter instead of the model.
-
-    Same arguments as ``transformers.Trainer``. For a model with PaCA adapters, each checkpoint
-    (``save_steps``) and ``save_model`` write ``adapter_config.json`` and
-    ``adapter.safetensors`` of the active adapter, ``other_trainable.safetensors`` if other
-    parameters are trainable, and the Trainer's own optimizer, scheduler, RNG and state files;
-    ``resume_from_checkpoint`` and ``load_best_model_at_end`` load them back in place. A
-    quantized model with PaCA adapters is accepted (see ``quantized_training``). Models without
-    PaCA, and sharded (FSDP) models, whose deltas are DTensors, get the Trainer's own behaviour.
-    """
+class AdapterCheckpoints:
+    """Mixin for ``transformers.Trainer`` and its subclasses (``GaudiTrainer``): checkpoints
+    hold the PaCA adapter instead of the model. See ``Trainer``."""
 
     def __init__(self, model=None, *args, **kwargs):
         with quantized_training(model) if model is not None else contextlib.nullcontext():
             super().__init__(model, *args, **kwargs)
+
+    def _save_extras(self, output_dir: str) -> None:
+        """Files a subclass saves beside the adapter (the Gaudi config, for instance)."""
 
     def _adapter_model(self, model: nn.Module | None = None) -> nn.Module | None:
         """The (unwrapped) model if it has PaCA adapters that paca's files can hold."""
@@ -111,6 +106,7 @@ class Trainer(transformers.Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        self._save_extras(output_dir)
         return None
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -129,6 +125,19 @@ class Trainer(transformers.Trainer):
             return super()._load_best_model()
         _load_into(model, best)
         return None
+
+
+class Trainer(AdapterCheckpoints, transformers.Trainer):
+    """``transformers.Trainer`` whose checkpoints hold the PaCA adapter instead of the model.
+
+    Same arguments as ``transformers.Trainer``. For a model with PaCA adapters, each checkpoint
+    (``save_steps``) and ``save_model`` write ``adapter_config.json`` and
+    ``adapter.safetensors`` of the active adapter, ``other_trainable.safetensors`` if other
+    parameters are trainable, and the Trainer's own optimizer, scheduler, RNG and state files;
+    ``resume_from_checkpoint`` and ``load_best_model_at_end`` load them back in place. A
+    quantized model with PaCA adapters is accepted (see ``quantized_training``). Models without
+    PaCA, and sharded (FSDP) models, whose deltas are DTensors, get the Trainer's own behaviour.
+    """
 
 
 def _load_into(model: nn.Module, directory: str) -> None:
