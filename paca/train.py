@@ -532,8 +532,9 @@ def _save(model, cfg: TrainConfig, path: Path, tokenizer) -> None:
         # floating-point base: the quantization settings are in train_config.json)
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__]
-        if getattr(config, "quantization_config", None) is not None:
-            del config.quantization_config
+        for quantized_only in ("quantization_config", "_pre_quantization_dtype"):
+            if quantized_only in vars(config):  # the second is a torch.dtype (transformers 4.x)
+                delattr(config, quantized_only)
         config.save_pretrained(path)
     elif cfg.method == "lora":
         model.save_pretrained(path)
