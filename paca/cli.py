@@ -150,6 +150,11 @@ def _train_parser(sub) -> None:
     )
     p.add_argument("--alpha", type=float, default=defaults.alpha)
     p.add_argument(
+        "--selection",
+        default=defaults.selection,
+        help="PaCA's columns: random, weight-norm, activation or gradient (paca.selection)",
+    )
+    p.add_argument(
         "--lr", type=float, default=None, help="default: per method (paca.train.DEFAULT_LR)"
     )
     p.add_argument(

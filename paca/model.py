@@ -23,7 +23,7 @@ from paca.layer import (
     linear_shape,
     merged_unsupported_reason,
 )
-from paca.selection import select_columns
+from paca.selection import CALIBRATED, SCORED, column_scores, select_columns
 
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _BERT_LIKE = (
@@ -233,9 +233,16 @@ def _plan(
     trainable: list[str],
     targets: list[str] | None,
     indices: dict[str, torch.Tensor] | None,
+    calibration=None,
+    reports: dict | None = None,
 ) -> list[_Plan]:
     """Checks every target before anything changes: enable is all or nothing."""
     names = targets if targets is not None else _find_targets(model, config, trainable)
+    scores: dict[str, torch.Tensor] = {}
+    if indices is None:
+        scores = _selection_scores(
+            model, names, config, calibration, reports if reports is not None else {}
+        )
     plans = []
     hooked = []
     for name in names:
@@ -265,7 +272,12 @@ def _plan(
             idx = indices[name]
         else:
             idx = select_columns(
-                in_features, config.r, strategy=config.selection, seed=config.seed, name=name
+                in_features,
+                config.r,
+                strategy=config.selection,
+                seed=config.seed,
+                name=name,
+                scores=scores.get(name),
             )
         plans.append(_Plan(name, module, idx, mode))
     if hooked:
@@ -276,6 +288,30 @@ def _plan(
             stacklevel=4,
         )
     return plans
+
+
+def _selection_scores(model, names, config: PacaConfig, calibration, reports: dict) -> dict:
+    """Column scores for a score-based selection (run before anything changes)."""
+    if config.selection in CALIBRATED and calibration is None:
+        raise ValueError(
+            f"selection={config.selection!r} needs calibration batches: pass "
+            "calibration=[batch, ...] (model inputs; with labels for 'gradient')"
+        )
+    if config.selection not in CALIBRATED and calibration is not None:
+        raise ValueError(
+            f"calibration= is used by selection='activation' or 'gradient' only, not "
+            f"{config.selection!r}; drop it or choose one of those"
+        )
+    if config.selection not in SCORED:
+        return {}
+    for name in names:  # the error for a bad r comes before any calibration work
+        module = model.get_submodule(name)
+        module = module.base_layer if isinstance(module, PacaLinear) else module
+        if config.r > linear_shape(module)[0]:
+            return {}
+    scores, report = column_scores(model, names, config.selection, calibration)
+    reports["calibration"] = report
+    return scores
 
 
 def _settings_to_config(config: PacaConfig | None, **settings) -> PacaConfig:
@@ -310,6 +346,7 @@ def enable(
     trainable_modules: list[str] | None = None,
     config: PacaConfig | None = None,
     adapter_name: str = "default",
+    calibration=None,
 ) -> nn.Module:
     """Adapts a model in place with PaCA and freezes everything but the adapters.
 
@@ -321,6 +358,9 @@ def enable(
     Args:
         model (nn.Module): any PyTorch / Hugging Face model.
         adapter_name (str): name of this (active) adapter.
+        calibration: batches of model inputs for ``selection="activation"`` or ``"gradient"``
+            (a list or DataLoader; dicts of tensors, with labels for ``"gradient"``). The cost
+            of the calibration is left in ``model.paca_calibration``. See ``paca.selection``.
 
     Returns:
         nn.Module: the same model object, adapted, on the resolved device.
@@ -337,7 +377,7 @@ def enable(
         mode=mode,
         trainable_modules=trainable_modules,
     )
-    return _enable(model, config, adapter_name=adapter_name)
+    return _enable(model, config, adapter_name=adapter_name, calibration=calibration)
 
 
 def _enable(
@@ -346,6 +386,7 @@ def _enable(
     targets: list[str] | None = None,
     indices: dict[str, torch.Tensor] | None = None,
     adapter_name: str = "default",
+    calibration=None,
 ) -> nn.Module:
     _check_adapter_name(adapter_name)
     if is_enabled(model):
@@ -356,7 +397,8 @@ def _enable(
         )
     trainable = _resolve_trainable(model, config.trainable_modules)
     config = dataclasses.replace(config, trainable_modules=trainable)
-    plans = _plan(model, config, trainable, targets, indices)
+    reports: dict = {}
+    plans = _plan(model, config, trainable, targets, indices, calibration, reports)
     devices = _model_devices(model)
     current = next(iter(devices)) if len(devices) == 1 else None
     if len(devices) > 1 and config.device == "auto":
@@ -394,6 +436,8 @@ def _enable(
     setattr(model, _CONFIG_ATTR, config)
     setattr(model, _ACTIVE_ATTR, adapter_name)
     setattr(model, _FLAGS_ATTR, flags)
+    if "calibration" in reports:
+        model.paca_calibration = reports["calibration"]
     return model
 
 
@@ -429,6 +473,7 @@ def add_adapter(
     *,
     trainable_modules: list[str] | None = None,
     config: PacaConfig | None = None,
+    calibration=None,
 ) -> nn.Module:
     """Adds another named adapter to an adapted model; it is not made active.
 
@@ -447,7 +492,7 @@ def add_adapter(
         mode=mode,
         trainable_modules=trainable_modules,
     )
-    return _add_adapter(model, adapter_name, config)
+    return _add_adapter(model, adapter_name, config, calibration=calibration)
 
 
 def _add_adapter(
@@ -456,6 +501,7 @@ def _add_adapter(
     config: PacaConfig,
     targets: list[str] | None = None,
     indices: dict[str, torch.Tensor] | None = None,
+    calibration=None,
 ) -> nn.Module:
     _check_adapter_name(adapter_name)
     if not is_enabled(model):
@@ -464,7 +510,7 @@ def _add_adapter(
         raise ValueError(f"{type(model).__name__} already has an adapter named {adapter_name!r}")
     trainable = _resolve_trainable(model, config.trainable_modules)
     config = dataclasses.replace(config, trainable_modules=trainable)
-    plans = _plan(model, config, trainable, targets, indices)
+    plans = _plan(model, config, trainable, targets, indices, calibration)
     active = getattr(model, _ACTIVE_ATTR)
     added: list[tuple[str, nn.Module]] = []  # (name, module to put back, or None)
     try:

@@ -22,8 +22,11 @@ from pathlib import Path
 
 import torch
 
+from paca.selection import CALIBRATED, STRATEGIES
+
 TASKS = ("classification", "causal-lm")
 METHODS = ("paca", "lora", "full", "head")
+CALIBRATION_BATCHES = 8
 DEFAULT_DATA = Path(__file__).parent / "data" / "stdlib_docstrings.jsonl.gz"
 # Learning rates chosen on the validation split of the default task (docs/accuracy.md): PaCA
 # r 8 / alpha 16 and LoRA r 8 / alpha 16 from a sweep; full and head were not swept yet.
@@ -68,6 +71,8 @@ class TrainConfig:
             trains beside them in additive mode (QPaCA) and lora is QLoRA. The classification
             head stays unquantized and trained.
         logging_steps (int): steps between loss lines.
+        selection (str): how PaCA picks its columns (``paca.selection``); ``activation`` and
+            ``gradient`` calibrate on ``CALIBRATION_BATCHES`` batches of the training split.
         save_steps (int): steps between checkpoints (what ``resume`` continues from; for
             ``paca`` they hold the adapter and optimizer state, not the model); 0: a third of
             the run, at least 50.
@@ -94,6 +99,7 @@ class TrainConfig:
     logging_steps: int = 25
     quantize: str | None = None
     save_steps: int = 0
+    selection: str = "random"
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -109,6 +115,10 @@ class TrainConfig:
         for name in ("r", "batch_size", "grad_accum", "seq_len", "logging_steps"):
             if getattr(self, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
+        if self.selection not in STRATEGIES:
+            raise TrainError(
+                f"--selection {self.selection!r} is unknown; choose one of {', '.join(STRATEGIES)}"
+            )
         if self.save_steps < 0:
             raise TrainError(f"--save-steps {self.save_steps} must be >= 0")
         if self.max_steps < 0 or (self.max_steps == 0 and not self.epochs > 0):
@@ -275,12 +285,30 @@ class _CausalCollator:
 # -- methods --------------------------------------------------------------------------------------
 
 
-def apply_method(model, cfg: TrainConfig, device):
+def calibration_batches(dataset, collator, cfg: TrainConfig) -> list[dict]:
+    """``CALIBRATION_BATCHES`` batches of the training split (a seeded sample), for the
+    calibrated column selections."""
+    order = list(range(len(dataset)))
+    random.Random(cfg.seed).shuffle(order)
+    size = cfg.batch_size
+    picks = order[: CALIBRATION_BATCHES * size]
+    return [collator([dataset[i] for i in picks[k : k + size]]) for k in range(0, len(picks), size)]
+
+
+def apply_method(model, cfg: TrainConfig, device, calibration=None):
     import paca
     from paca.model import _find_targets, _resolve_trainable
 
     if cfg.method == "paca":
-        paca.enable(model, r=cfg.r, alpha=cfg.alpha, seed=cfg.seed, device=str(device))
+        paca.enable(
+            model,
+            r=cfg.r,
+            alpha=cfg.alpha,
+            seed=cfg.seed,
+            device=str(device),
+            selection=cfg.selection,
+            calibration=calibration if cfg.selection in CALIBRATED else None,
+        )
         return model
     if cfg.method == "lora":
         try:
@@ -380,7 +408,10 @@ def run(cfg: TrainConfig) -> dict:
         model = model_class.from_pretrained(str(model_path), **extra)
         datasets = causal_lm_data(rows, tokenizer, cfg)
         collator = _CausalCollator(tokenizer.pad_token_id)
-    model = apply_method(model, cfg, device)
+    calibration = None
+    if cfg.method == "paca" and cfg.selection in CALIBRATED:
+        calibration = calibration_batches(datasets["train"], collator, cfg)
+    model = apply_method(model, cfg, device, calibration)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     quantized = sum(is_quantized(m) for n, m in model.named_modules() if n.endswith(".base_layer"))
 
@@ -395,6 +426,7 @@ def run(cfg: TrainConfig) -> dict:
         metrics = _train(model, tokenizer, datasets, collator, cfg, device, partial, labels)
         metrics["trainable_params"] = trainable
         metrics["quantized_base_layers"] = quantized  # adapted layers (PaCA or LoRA) over one
+        metrics["calibration"] = getattr(model, "paca_calibration", None)  # selection's cost
         _save(model, cfg, partial / "adapter", tokenizer)
         (partial / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         settings = dataclasses.asdict(cfg) | {

@@ -23,13 +23,17 @@ import torch
 
 from paca.train import TrainConfig, run
 
-# (name, method, r, alpha, learning rates to sweep)
+# (name, method, r, alpha, learning rates to sweep[, PaCA column selection])
 CONFIGS = [
     ("PaCA r16 (= LoRA r8 params)", "paca", 16, 32, [5e-4, 1e-3, 2e-3, 4e-3, 8e-3]),
     ("PaCA r8", "paca", 8, 16, [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]),
     ("LoRA r8", "lora", 8, 16, [5e-4, 1e-3, 2e-3, 4e-3, 8e-3]),
     ("full fine-tuning", "full", 8, 16, [2.5e-5, 5e-5, 1e-4, 2e-4]),
     ("head only", "head", 8, 16, [5e-3, 1e-2, 2e-2]),
+    # selection strategies (paca.selection), PaCA r8 as above; rates around its best
+    ("PaCA r8, weight-norm columns", "paca", 8, 16, [4e-3, 8e-3], "weight-norm"),
+    ("PaCA r8, activation columns", "paca", 8, 16, [4e-3, 8e-3], "activation"),
+    ("PaCA r8, gradient columns", "paca", 8, 16, [4e-3, 8e-3], "gradient"),
 ]
 SEEDS = [0, 1, 2]
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -88,8 +92,9 @@ def main() -> None:
     cache_file = out / "runs.json"
     runs = json.loads(cache_file.read_text()) if cache_file.exists() else {}
 
-    def train(method, r, alpha, lr, seed):
+    def train_one(method, r, alpha, lr, seed, selection="random"):
         key = f"{method}-r{r}-a{alpha}-lr{lr}-s{seed}-steps{args.steps}"
+        key += "" if selection == "random" else f"-{selection}"
         if key not in runs:
             folder = out / key
             shutil.rmtree(folder, ignore_errors=True)
@@ -102,6 +107,7 @@ def main() -> None:
                 seed=seed,
                 max_steps=args.steps,
                 output=str(folder),
+                selection=selection,
             )
             metrics = run(cfg)
             metrics["wall_seconds"] = time.time() - started
@@ -114,7 +120,12 @@ def main() -> None:
         return runs[key]
 
     table = []
-    for name, method, r, alpha, rates in CONFIGS:
+    for name, method, r, alpha, rates, *rest in CONFIGS:
+        selection = rest[0] if rest else "random"
+
+        def train(method, r, alpha, lr, seed, _selection=selection):
+            return train_one(method, r, alpha, lr, seed, _selection)
+
         sweep = {
             lr: train(method, r, alpha, lr, 0)["after"]["validation"]["accuracy"] for lr in rates
         }
@@ -146,6 +157,10 @@ def main() -> None:
                     m["train"]["seconds_per_step"] for m in finals
                 ),
                 "saved_bytes": saved_bytes(method, r, alpha),
+                "selection": selection,
+                "calibration_seconds": statistics.median(
+                    (m.get("calibration") or {}).get("seconds", 0.0) for m in finals
+                ),
             }
         )
     report = {

@@ -141,6 +141,17 @@ def test_comparison_methods_run(tmp_path, tiny_bert, method):
     ] == method
 
 
+@pytest.mark.parametrize("selection", ["activation", "gradient"])
+def test_calibrated_selection_runs_and_reports_its_cost(tmp_path, tiny_bert, selection):
+    data = _classification_file(tmp_path / "data.jsonl", n=24)
+    out = tmp_path / selection
+    argv = ["train", "--model", str(tiny_bert), "--data", str(data), "--selection", selection]
+    assert main([*argv, "--max-steps", "3", "--batch-size", "8", "--output", str(out)]) == 0
+    calibration = json.loads((out / "metrics.json").read_text())["calibration"]
+    assert calibration["strategy"] == selection and calibration["batches"] >= 1
+    assert calibration["seconds"] >= 0 and calibration["peak_rss_mib"] > 0
+
+
 @pytest.mark.parametrize("quantize", [None, "4bit"])
 def test_causal_lm_loss_falls_and_the_adapter_generates(tmp_path, tiny_llama_folder, quantize):
     if quantize:
@@ -243,6 +254,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_adapter(
             "needs bitsandbytes, which is not installed: pip install",
         ),
         ("good", ["--data", "{tmp}/good.jsonl", "--r", "4096"], "r=4096 exceeds in_features=32"),
+        (None, ["--selection", "best"], "--selection 'best' is unknown"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output(
