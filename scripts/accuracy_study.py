@@ -29,7 +29,7 @@ CONFIGS = [
     ("PaCA r8", "paca", 8, 16, [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]),
     ("LoRA r8", "lora", 8, 16, [5e-4, 1e-3, 2e-3, 4e-3, 8e-3]),
     ("full fine-tuning", "full", 8, 16, [2.5e-5, 5e-5, 1e-4, 2e-4]),
-    ("head only", "head", 8, 16, [5e-3, 1e-2, 2e-2]),
+    ("head only", "head", 8, 16, [5e-3, 1e-2, 2e-2, 4e-2, 8e-2]),
     # selection strategies (paca.selection), PaCA r8 as above; rates around its best
     ("PaCA r8, weight-norm columns", "paca", 8, 16, [4e-3, 8e-3], "weight-norm"),
     ("PaCA r8, activation columns", "paca", 8, 16, [4e-3, 8e-3], "activation"),

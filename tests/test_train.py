@@ -197,15 +197,9 @@ def test_causal_lm_loss_falls_and_the_adapter_generates(tmp_path, tiny_llama_fol
 def test_resume_after_an_interruption_gives_the_uninterrupted_adapter(
     tmp_path, tiny_llama_folder, monkeypatch
 ):
-    from safetensors.torch import load_file
-
     from paca.integrations.hf import Trainer
 
-    data = tmp_path / "text.jsonl"
-    with data.open("w") as f:
-        for i in range(40):
-            f.write(json.dumps({"text": f"the answer {i % 5} is socket server"}) + "\n")
-    argv = ["train", "--task", "causal-lm", "--model", str(tiny_llama_folder), "--data", str(data)]
+    argv = _lm_argv(tmp_path, tiny_llama_folder)
     argv += ["--max-steps", "6", "--save-steps", "3", "--batch-size", "4", "--lr", "1e-2"]
     assert main([*argv, "--output", str(tmp_path / "straight")]) == 0
 
@@ -231,11 +225,34 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_adapter(
     assert not list(checkpoint.glob("model*.safetensors"))  # the adapter, not the model
     assert main([*argv, "--output", str(out), "--resume"]) == 0
     assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 6
-    want = load_file(tmp_path / "straight" / "adapter" / "adapter.safetensors")
-    got = load_file(out / "adapter" / "adapter.safetensors")
+    _assert_same_adapter(out, tmp_path / "straight")
+
+
+def _lm_argv(tmp_path, folder):
+    """``paca train`` causal-lm arguments on texts of equal length (no padding)."""
+    data = tmp_path / "text.jsonl"
+    with data.open("w") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": f"the answer {i % 5} is socket server"}) + "\n")
+    return ["train", "--task", "causal-lm", "--model", str(folder), "--data", str(data)]
+
+
+def _assert_same_adapter(a, b, tol=1e-6):
+    from safetensors.torch import load_file
+
+    want = load_file(b / "adapter" / "adapter.safetensors")
+    got = load_file(a / "adapter" / "adapter.safetensors")
     assert want.keys() == got.keys()
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=tol)
+
+
+def test_grad_accum_and_gradient_checkpointing_give_the_same_adapter(tmp_path, tiny_llama_folder):
+    argv = [*_lm_argv(tmp_path, tiny_llama_folder), "--max-steps", "4", "--lr", "1e-2"]
+    assert main([*argv, "--batch-size", "4", "--output", str(tmp_path / "plain")]) == 0
+    split = ["--batch-size", "2", "--grad-accum", "2", "--gradient-checkpointing"]
+    assert main([*argv, *split, "--output", str(tmp_path / "split")]) == 0
+    _assert_same_adapter(tmp_path / "split", tmp_path / "plain")
 
 
 @pytest.mark.parametrize(
