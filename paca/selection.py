@@ -11,6 +11,8 @@ static (Gaudi graphs and ``torch.compile`` stay valid) and the choice is saved w
 - ``gradient``: the ``r`` columns with the largest norm of the dense weight gradient of the
   loss, summed over calibration batches as squared per-batch column norms. Computed per layer in
   the backward pass from ``x`` and the output gradient, without allocating any weight gradient.
+  Each targeted layer's input is held from its forward until its output gradient arrives, then
+  dropped: one calibration batch costs about the activation memory of a fine-tuning step.
 
 ``activation`` and ``gradient`` need ``calibration=``: an iterable of batches (dicts of tensors
 for ``model(**batch)``, or tensors for ``model(batch)``; ``gradient`` needs a ``loss`` in the
