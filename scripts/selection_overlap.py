@@ -17,7 +17,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-# BERT-style names (the default model of paca train); other models get one group per suffix
+from paca.checkpoint import ADAPTER_WEIGHTS
+
+# BERT-style layer names (the default model of paca train); other models' layers match none
 GROUPS = {
     "q, k, v, intermediate (read the residual stream)": re.compile(
         r"(attention\.self\.(query|key|value)|intermediate\.dense)\.idx$"
@@ -45,7 +47,7 @@ def main() -> None:
     print("| adapter | layers | picks | distinct channels | 8 most-picked channels' share |")
     print("|---|---|---|---|---|")
     for folder in args.adapters:
-        tensors = load_file(folder / "adapter.safetensors")
+        tensors = load_file(folder / ADAPTER_WEIGHTS)
         for group, pattern in GROUPS.items():
             rows = [t.tolist() for k, t in sorted(tensors.items()) if pattern.search(k)]
             if rows:
