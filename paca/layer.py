@@ -1,9 +1,12 @@
-"""PacaLinear: one adapted linear layer (``nn.Linear`` or transformers' GPT-2 ``Conv1D``)."""
+"""PacaLinear: one adapted linear layer, its named adapters, and the step hook of merged mode.
+
+Imports: ``paca.ops`` (the math), ``paca.base_layer`` (what the wrapped layer is),
+``paca.quant`` (bitsandbytes' CPU kernel switch).
+"""
 
 from __future__ import annotations
 
 import copy
-import sys
 import weakref
 
 import torch
@@ -14,78 +17,10 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
+from paca import base_layer as kinds
 from paca import ops, quant
-
-
-def conv1d_type() -> type | None:
-    """transformers' ``Conv1D`` class if transformers is loaded (a GPT-2 model implies it is)."""
-    if "transformers" not in sys.modules:
-        return None
-    from transformers.pytorch_utils import Conv1D
-
-    return Conv1D
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    cls = conv1d_type()
-    return cls is not None and isinstance(module, cls)
-
-
-def is_forward_only_linear(module: nn.Module) -> bool:
-    """A layer that declares ``in_features``/``out_features`` (or GPTQ's ``infeatures``/
-    ``outfeatures``), has no submodules and is not ``nn.Linear``: GPTQ, AWQ and similar quantized
-    layers that offer only a forward. paca adapts them in additive mode."""
-    return (
-        not isinstance(module, nn.Linear)
-        and quant.features(module) is not None
-        and next(module.children(), None) is None
-    )
-
-
-def is_linear(module: nn.Module) -> bool:
-    """Layers paca can adapt: ``nn.Linear`` (and subclasses, quantized ones included), Conv1D and
-    forward-only linear layers (``is_forward_only_linear``)."""
-    return isinstance(module, nn.Linear) or is_conv1d(module) or is_forward_only_linear(module)
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a linear, Conv1D or forward-only linear layer."""
-    if is_conv1d(module):
-        return module.weight.shape[0], module.weight.shape[1]
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    return quant.features(module)
-
-
-def has_user_hooks(module: nn.Module) -> bool:
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or getattr(module, "_hf_hook", None) is not None  # accelerate's offload/device hooks
-    )
-
-
-def merged_unsupported_reason(module: nn.Module) -> str | None:
-    """Why merged mode cannot be used on ``module``, or ``None`` if it can.
-
-    Merged mode writes into the weight and bypasses the layer's own forward, so it needs a plain,
-    local, floating-point weight and a layer whose forward is exactly the linear map.
-    """
-    if type(module) is not nn.Linear and not (is_conv1d(module) and type(module) is conv1d_type()):
-        return f"{type(module).__name__} has a forward of its own"
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        return "it has no weight tensor"
-    if type(weight.data) is not torch.Tensor:
-        return f"its weight is a {type(weight.data).__name__} (sharded or wrapped)"
-    if hasattr(weight, "ds_id"):
-        return "its weight is partitioned by DeepSpeed ZeRO-3"
-    if not weight.dtype.is_floating_point:
-        return f"its weight has dtype {weight.dtype}"
-    if weight.is_meta:
-        return "its weight is on the meta device"
-    return None
-
+from paca._moved import forward
+from paca.errors import PacaError
 
 # Layers whose delta an optimizer may own, by id(delta); used by the optimizer step hook.
 _LAYERS: weakref.WeakValueDictionary[int, PacaLinear] = weakref.WeakValueDictionary()
@@ -127,7 +62,7 @@ def _before_optimizer_step(optimizer, args, kwargs) -> None:
         if id(layer.delta) not in owned:
             continue
         if hasattr(layer.delta, "device_mesh"):
-            raise RuntimeError(
+            raise PacaError(
                 f"a merged-mode PaCA layer ({layer.in_features}->{layer.out_features}) has a "
                 f"sharded delta ({type(layer.delta.data).__name__}): merged mode writes the "
                 "trained columns into the weight after each step and cannot do that into a "
@@ -191,11 +126,21 @@ class PacaLinear(nn.Module):
     ):
         super().__init__()
         if mode not in ("merged", "additive"):
-            raise ValueError(f"mode must be 'merged' or 'additive', got {mode!r}")
+            raise PacaError(f"mode must be 'merged' or 'additive', got {mode!r}")
+        info = kinds.describe(base_layer)
+        if info is None:
+            raise PacaError(f"PacaLinear cannot adapt a {type(base_layer).__name__}")
+        if mode == "merged" and info.merged_unsupported is not None:
+            raise PacaError(
+                f"mode='merged' cannot adapt this {type(base_layer).__name__}: "
+                f"{info.merged_unsupported}; use mode='additive'"
+            )
         self.base_layer = base_layer.requires_grad_(False)
-        self.in_features, self.out_features = linear_shape(base_layer)
-        self.transposed = is_conv1d(base_layer)
+        self.in_features, self.out_features = info.in_features, info.out_features
+        self.transposed = info.transposed
         self.mode = mode
+        # bitsandbytes' packed CPU inference kernel stays off while paca adapts the layer
+        self._kernel_setting = quant.keep_training_kernel(base_layer)
         self.adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
         self._disabled = 0
@@ -258,10 +203,17 @@ class PacaLinear(nn.Module):
     # -- the columns inside the base weight (merged mode)
     def _read_cols(self, idx: torch.Tensor) -> torch.Tensor:
         """``W[:, idx]`` as ``(out, r)``, copied."""
-        weight = self.base_layer.weight.detach()
-        if self.transposed:
-            return weight.index_select(0, idx).t().contiguous()
-        return weight.index_select(1, idx)
+        return kinds.read_cols(self.base_layer, idx)
+
+    def base_cols_at(self, idx: torch.Tensor) -> torch.Tensor:
+        """``W0[:, idx]`` as ``(out, r)`` whatever adapters the layer carries (the base weight's
+        own columns, never the trained ones)."""
+        return self._base_cols_at(idx.to(self.base_layer.weight.device))
+
+    def release(self) -> nn.Module:
+        """The base layer as it was before adaptation (after ``restore_base`` or ``fold``)."""
+        quant.restore_kernel(self.base_layer, self._kernel_setting)
+        return self.base_layer
 
     def _write_cols(self, idx: torch.Tensor, cols: torch.Tensor) -> None:
         """Writes ``(out, r)`` columns into the base weight at ``idx``."""
@@ -308,8 +260,8 @@ class PacaLinear(nn.Module):
     def add_adapter(self, name: str, idx: torch.Tensor, alpha: float) -> None:
         """Adds a named adapter (``delta`` zero, not trainable until made active)."""
         if name in self.adapters:
-            raise ValueError(f"this layer already has an adapter named {name!r}")
-        device = quant.layer_device(self.base_layer)
+            raise PacaError(f"this layer already has an adapter named {name!r}")
+        device = kinds.layer_device(self.base_layer)
         idx = idx.to(device=device, dtype=torch.long)
         weight = self.weight
         floating = isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point
@@ -346,7 +298,7 @@ class PacaLinear(nn.Module):
 
     def enable(self) -> None:
         if self._disabled == 0:
-            raise RuntimeError("PacaLinear.enable() called more often than disable()")
+            raise PacaError("PacaLinear.enable() called more often than disable()")
         self._disabled -= 1
         if self._disabled == 0:
             self.sync_weight(force=True)
@@ -358,7 +310,7 @@ class PacaLinear(nn.Module):
         name = self.active_adapter if adapter_name is None else adapter_name
         adapter = self.adapters[name]
         if idx.shape != adapter.idx.shape or delta.shape != adapter.delta.shape:
-            raise ValueError(
+            raise PacaError(
                 f"adapter shapes idx {tuple(idx.shape)}, delta {tuple(delta.shape)} do not fit a "
                 f"layer with r={adapter.r}, out_features={self.out_features}"
             )
@@ -457,3 +409,7 @@ class TrainedCopy(nn.Module):
 
     def enable(self) -> None:
         self._disabled -= 1
+
+
+# paca 0.1 answered "what kind of layer is this" here; paca.base_layer does now
+__getattr__ = forward("paca.layer", "paca.base_layer")

@@ -1,10 +1,18 @@
-"""Model surgery: enable, merge, unload and disable PaCA over a whole model."""
+"""The lifecycle of PaCA on a model: enable, add/set/delete adapters, merge, unload, disable,
+and ``sync_weights``.
+
+Which layers are adapted is ``paca.targets``' to say, how columns are chosen
+``paca.selection``'s, the per-layer math ``paca.layer``'s; the model-level state is one
+``paca.state.PacaState``. Every mutating call checks everything before it changes anything.
+
+Imports: ``paca.layer``, ``paca.targets``, ``paca.selection``, ``paca.state``, ``paca.quant``,
+``paca.backends``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,59 +21,15 @@ import torch
 from torch import nn
 
 from paca import backends, quant
+from paca import state as paca_state
+from paca._moved import forward
+from paca.base_layer import describe, is_linear, is_quantized, layer_device, linear_shape
 from paca.config import PacaConfig
-from paca.layer import (
-    PacaAdapter,
-    PacaLinear,
-    TrainedCopy,
-    has_user_hooks,
-    is_linear,
-    linear_shape,
-    merged_unsupported_reason,
-)
-from paca.selection import CALIBRATED, SCORED, column_scores, select_columns
-
-_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-_BERT_LIKE = (
-    r"(.*\.)?encoder\.layer\.\d+\.(attention\.self\.(query|key|value)"
-    r"|attention\.output\.dense|intermediate\.dense|output\.dense)"
-)
-DEFAULT_TARGETS: dict[str, list[str] | str] = {
-    **dict.fromkeys(
-        [
-            "llama",
-            "mistral",
-            "mixtral",
-            "qwen2",
-            "qwen3",
-            "gemma",
-            "gemma2",
-            "gemma3_text",
-            "olmo",
-            "olmo2",
-        ],
-        _LLAMA_LIKE,
-    ),
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "camembert"], _BERT_LIKE),
-    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
-}
-_HEAD_NAMES = ("classifier", "score", "qa_outputs")
-_HEAD_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
-
-# Set on an adapted model: the active adapter's config and name, every adapter's config, and the
-# requires_grad flags to give back on unload/merge.
-_CONFIG_ATTR = "paca_config"
-_ACTIVE_ATTR = "paca_active_adapter"
-_CONFIGS_ATTR = "paca_configs"
-_FLAGS_ATTR = "_paca_requires_grad"
-_ATTRS = (_CONFIG_ATTR, _ACTIVE_ATTR, _CONFIGS_ATTR, _FLAGS_ATTR)
-
-
-def _matches(name: str, spec: list[str] | str) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == s or name.endswith("." + s) for s in spec)
+from paca.errors import PacaError
+from paca.layer import PacaAdapter, PacaLinear, TrainedCopy
+from paca.selection import STRATEGIES, column_scores, get_strategy, select_columns
+from paca.state import PacaState
+from paca.targets import find_targets, resolve_trainable
 
 
 def paca_layers(model: nn.Module) -> list[tuple[str, PacaLinear]]:
@@ -101,13 +65,13 @@ def base_linear(model: nn.Module, name: str, source: object) -> nn.Module:
     try:
         module = model.get_submodule(name)
     except AttributeError:
-        raise ValueError(
+        raise PacaError(
             f"adapter layer {name} from {source} does not exist in {type(model).__name__}; "
             "was the adapter trained on another model?"
         ) from None
     module = module.base_layer if isinstance(module, PacaLinear) else module
     if not is_linear(module):
-        raise ValueError(
+        raise PacaError(
             f"adapter layer {name} from {source} is a {type(module).__name__} in this model"
         )
     return module
@@ -123,100 +87,14 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _default_targets(model: nn.Module) -> list[str] | str:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGETS:
-        return DEFAULT_TARGETS[model_type]
-    what = f"model_type={model_type!r}" if model_type else f"a {type(model).__name__}"
-    raise ValueError(
-        f"paca has no default target_modules for {what}; pass target_modules='all-linear', "
-        "a list of layer-name suffixes (['q_proj', 'v_proj']) or a regular expression"
-    )
-
-
-def _default_trainable(model: nn.Module) -> list[str]:
-    if not type(model).__name__.endswith(_HEAD_SUFFIXES):
-        return []
-    return [name for name in _HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
-
-
-def _named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Modules as the base model has them: a PaCA wrapper stands for its base module."""
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside):
-            continue
-        if isinstance(module, PacaLinear):
-            inside.append(name)
-            yield name, module.base_layer
-        elif isinstance(module, TrainedCopy):
-            inside.append(name)
-            yield name, module.original
-        else:
-            yield name, module
-
-
-def _resolve_trainable(model: nn.Module, spec: list[str] | None) -> list[str]:
-    names = _default_trainable(model) if spec is None else spec
-    found: list[str] = []
-    for suffix in names:
-        hits = [n for n, _ in _named_modules(model) if n and _matches(n, [suffix])]
-        # Keep only the outermost match: training a module trains its children.
-        hits = [n for n in hits if not any(n.startswith(h + ".") for h in hits)]
-        if not hits:
-            raise ValueError(
-                f"trainable_modules entry {suffix!r} matches no module of {type(model).__name__}"
-            )
-        found.extend(h for h in hits if h not in found)
-    return found
-
-
-def _find_targets(model: nn.Module, config: PacaConfig, trainable: list[str]) -> list[str]:
-    spec = config.target_modules
-    all_linear = spec == "all-linear"
-    if spec is None:
-        spec = _default_targets(model)
-    skip = set()
-    if all_linear and hasattr(model, "get_output_embeddings"):
-        head = model.get_output_embeddings()
-        skip |= {n for n, m in _named_modules(model) if m is head}
-
-    def inside_trainable(name: str) -> bool:
-        return any(name == t or name.startswith(t + ".") for t in trainable)
-
-    matched = []
-    for name, module in _named_modules(model):
-        if not name or name in skip or inside_trainable(name):
-            continue
-        if all_linear:
-            if is_linear(module):
-                matched.append(name)
-            continue
-        if not _matches(name, spec):
-            continue
-        if not is_linear(module):
-            raise ValueError(
-                f"target {name} is a {type(module).__name__}, which paca cannot adapt; it adapts "
-                f"{quant.SUPPORTED}. Name such layers (e.g. its q_proj/v_proj) or exclude {name} "
-                "with exclude_modules"
-            )
-        matched.append(name)
-    if config.exclude_modules is not None:
-        matched = [n for n in matched if not _matches(n, config.exclude_modules)]
-    if not matched:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in _named_modules(model) if is_linear(m)})
-        raise ValueError(
-            f"target_modules={config.target_modules!r} "
-            f"(exclude_modules={config.exclude_modules!r}) "
-            f"matches no linear layer of {type(model).__name__}; its linear layers end in "
-            f"{linear[:20]}. A string is a regular expression matched against full names; pass a "
-            "list for name suffixes"
-        )
-    return matched
-
-
 def _model_devices(model: nn.Module) -> set[torch.device]:
-    return {t.device for t in [*model.parameters(), *model.buffers()]}
+    """Devices of the model's tensors, without ``meta`` (weights accelerate offloads)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return {t.device for t in tensors if not t.is_meta}
+
+
+def _offloaded(model: nn.Module) -> bool:
+    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
 
 
 @dataclass
@@ -234,45 +112,43 @@ def _plan(
     targets: list[str] | None,
     indices: dict[str, torch.Tensor] | None,
     calibration=None,
-    reports: dict | None = None,
-) -> list[_Plan]:
-    """Checks every target before anything changes: enable is all or nothing."""
-    names = targets if targets is not None else _find_targets(model, config, trainable)
-    scores: dict[str, torch.Tensor] = {}
+) -> tuple[list[_Plan], dict | None]:
+    """Checks every target before anything changes (enable is all or nothing); returns the
+    plan and the calibration report of a calibrated selection."""
+    names = targets if targets is not None else find_targets(model, config, trainable)
+    scores, report = {}, None
     if indices is None:
-        scores = _selection_scores(
-            model, names, config, calibration, reports if reports is not None else {}
-        )
+        scores, report = _selection_scores(model, names, config, calibration)
     plans = []
     hooked = []
     for name in names:
         module = model.get_submodule(name)
         existing = module if isinstance(module, PacaLinear) else None
         module = existing.base_layer if existing is not None else module
-        in_features, _ = linear_shape(module)
-        if config.r > in_features:
-            raise ValueError(
-                f"r={config.r} exceeds in_features={in_features} of {name}; choose "
-                f"r <= {in_features} or exclude that layer with exclude_modules=[{name!r}]"
+        info = describe(module)
+        if config.r > info.in_features:
+            raise PacaError(
+                f"r={config.r} exceeds in_features={info.in_features} of {name}; choose "
+                f"r <= {info.in_features} or exclude that layer with exclude_modules=[{name!r}]"
             )
-        reason = merged_unsupported_reason(module)
+        reason = info.merged_unsupported
         if config.mode == "merged" and reason is not None and existing is None:
-            raise ValueError(
+            raise PacaError(
                 f"mode='merged' cannot adapt {name}: {reason}; use mode='additive' or mode='auto'"
             )
         if existing is not None:
             mode = existing.mode  # a layer's adapters share one mode
         elif config.mode == "auto":
-            mode = "merged" if reason is None and not has_user_hooks(module) else "additive"
+            mode = "merged" if reason is None and not info.hooked else "additive"
         else:
             mode = config.mode
-        if existing is None and mode == "merged" and has_user_hooks(module):
+        if existing is None and mode == "merged" and info.hooked:
             hooked.append(name)
         if indices is not None:
             idx = indices[name]
         else:
             idx = select_columns(
-                in_features,
+                info.in_features,
                 config.r,
                 strategy=config.selection,
                 seed=config.seed,
@@ -287,31 +163,31 @@ def _plan(
             UserWarning,
             stacklevel=4,
         )
-    return plans
+    return plans, report
 
 
-def _selection_scores(model, names, config: PacaConfig, calibration, reports: dict) -> dict:
+def _selection_scores(model, names, config: PacaConfig, calibration) -> tuple[dict, dict | None]:
     """Column scores for a score-based selection (run before anything changes)."""
-    if config.selection in CALIBRATED and calibration is None:
-        raise ValueError(
+    strategy = get_strategy(config.selection)
+    if strategy.calibrated and calibration is None:
+        raise PacaError(
             f"selection={config.selection!r} needs calibration batches: pass "
             "calibration=[batch, ...] (model inputs; with labels for 'gradient')"
         )
-    if config.selection not in CALIBRATED and calibration is not None:
-        raise ValueError(
-            f"calibration= is used by selection='activation' or 'gradient' only, not "
-            f"{config.selection!r}; drop it or choose one of those"
+    if not strategy.calibrated and calibration is not None:
+        calibrated = [s.name for s in STRATEGIES.values() if s.calibrated]
+        raise PacaError(
+            f"calibration= is used by selection={' or '.join(map(repr, calibrated))} only, "
+            f"not {config.selection!r}; drop it or choose one of those"
         )
-    if config.selection not in SCORED:
-        return {}
+    if strategy.score is None:
+        return {}, None
     for name in names:  # the error for a bad r comes before any calibration work
         module = model.get_submodule(name)
         module = module.base_layer if isinstance(module, PacaLinear) else module
         if config.r > linear_shape(module)[0]:
-            return {}
-    scores, report = column_scores(model, names, config.selection, calibration)
-    reports["calibration"] = report
-    return scores
+            return {}, None
+    return column_scores(model, names, config.selection, calibration)
 
 
 def _settings_to_config(config: PacaConfig | None, **settings) -> PacaConfig:
@@ -321,7 +197,7 @@ def _settings_to_config(config: PacaConfig | None, **settings) -> PacaConfig:
     defaults = PacaConfig()
     changed = [k for k, v in settings.items() if v != getattr(defaults, k)]
     if changed:
-        raise ValueError(
+        raise PacaError(
             f"pass either config= or keyword settings, not both (got config and {changed})"
         )
     return config
@@ -329,7 +205,7 @@ def _settings_to_config(config: PacaConfig | None, **settings) -> PacaConfig:
 
 def _check_adapter_name(name: str) -> None:
     if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter_name={name!r} must be a non-empty string without dots")
+        raise PacaError(f"adapter_name={name!r} must be a non-empty string without dots")
 
 
 def enable(
@@ -356,14 +232,19 @@ def enable(
     More adapters go onto an adapted model with ``add_adapter``.
 
     Args:
-        model (nn.Module): any PyTorch / Hugging Face model.
+        model (nn.Module): any PyTorch / Hugging Face model, also one whose weights accelerate
+            offloads (``device_map`` with CPU/disk offload, ``cpu_offload``, ``disk_offload``):
+            its offloaded layers are adapted in additive mode, on their execution device.
         adapter_name (str): name of this (active) adapter.
         calibration: batches of model inputs for ``selection="activation"`` or ``"gradient"``
             (a list or DataLoader; dicts of tensors, with labels for ``"gradient"``). The cost
-            of the calibration is left in ``model.paca_calibration``. See ``paca.selection``.
+            of the calibration is left in ``paca.get_state(model).calibration``.
 
     Returns:
         nn.Module: the same model object, adapted, on the resolved device.
+
+    Raises:
+        PacaError: a bad setting, target, device or calibration (the model is unchanged).
     """
     config = _settings_to_config(
         config,
@@ -377,34 +258,43 @@ def enable(
         mode=mode,
         trainable_modules=trainable_modules,
     )
-    return _enable(model, config, adapter_name=adapter_name, calibration=calibration)
+    return enable_config(model, config, adapter_name=adapter_name, calibration=calibration)
 
 
-def _enable(
+def enable_config(
     model: nn.Module,
     config: PacaConfig,
+    *,
+    adapter_name: str = "default",
     targets: list[str] | None = None,
     indices: dict[str, torch.Tensor] | None = None,
-    adapter_name: str = "default",
     calibration=None,
 ) -> nn.Module:
+    """``enable`` from a config, optionally with the exact layers (``targets``) and columns
+    (``indices``, ``{layer: (r,) int64}``) to use, as a saved adapter has them."""
     _check_adapter_name(adapter_name)
     if is_enabled(model):
-        raise ValueError(
+        raise PacaError(
             f"{type(model).__name__} already has {len(paca_layers(model))} PaCA layers; call "
             "paca.unload(model) or paca.merge(model) first, paca.add_adapter(model, name, ...) "
             "for another adapter, or paca.load_adapter to replace this one"
         )
-    trainable = _resolve_trainable(model, config.trainable_modules)
+    trainable = resolve_trainable(model, config.trainable_modules)
     config = dataclasses.replace(config, trainable_modules=trainable)
-    reports: dict = {}
-    plans = _plan(model, config, trainable, targets, indices, calibration, reports)
+    plans, report = _plan(model, config, trainable, targets, indices, calibration)
     devices = _model_devices(model)
     current = next(iter(devices)) if len(devices) == 1 else None
-    if len(devices) > 1 and config.device == "auto":
-        target_device = None  # a model spread over devices (device_map) stays where it is
+    if (len(devices) > 1 or _offloaded(model)) and config.device == "auto":
+        # a model spread over devices (device_map) or offloaded by accelerate stays where it is
+        target_device = None
     else:
         target_device = backends.resolve_device(config.device, current)
+        if _offloaded(model):
+            raise PacaError(
+                f"device={config.device!r}: this model's weights are offloaded by accelerate "
+                "(on the meta device, loaded per call), so paca cannot move it; pass "
+                "device='auto' to keep accelerate's placement"
+            )
 
     # Nothing has changed so far; from here on, undo everything on failure.
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -412,8 +302,7 @@ def _enable(
     try:
         if target_device is not None and devices != {target_device}:
             model.to(target_device)
-        for device_type in {d.type for d in _model_devices(model)}:
-            backends.load(device_type)
+        backends.load_for(_model_devices(model) | {layer_device(p.module) for p in plans})
         for param in model.parameters():
             param.requires_grad_(False)
         for plan in plans:
@@ -426,37 +315,68 @@ def _enable(
             replaced.append((name, original))
     except BaseException:
         for name, module in reversed(replaced):
+            current_module = model.get_submodule(name)
+            if isinstance(current_module, PacaLinear):
+                current_module.release()
             _set_submodule(model, name, module)
         for n, p in model.named_parameters():
             p.requires_grad_(flags.get(n, p.requires_grad))
         if target_device is not None and len(devices) == 1 and devices != {target_device}:
             model.to(next(iter(devices)))
         raise
-    setattr(model, _CONFIGS_ATTR, {adapter_name: config})
-    setattr(model, _CONFIG_ATTR, config)
-    setattr(model, _ACTIVE_ATTR, adapter_name)
-    setattr(model, _FLAGS_ATTR, flags)
-    if "calibration" in reports:
-        model.paca_calibration = reports["calibration"]
+    paca_state.attach(
+        model,
+        PacaState(
+            configs={adapter_name: config},
+            active=adapter_name,
+            requires_grad=flags,
+            calibration=report,
+        ),
+    )
     return model
+
+
+def get_state(model: nn.Module) -> PacaState | None:
+    """What paca keeps on ``model`` (configs, active adapter, calibration report), or
+    ``None`` if it has no PaCA adapters."""
+    return paca_state.get(model)
+
+
+def _state(model: nn.Module, action: str) -> PacaState:
+    state = paca_state.get(model)
+    if state is None:
+        raise PacaError(
+            f"{type(model).__name__} has no PaCA adapters to {action}; call paca.enable first"
+        )
+    return state
 
 
 def adapter_names(model: nn.Module) -> list[str]:
     """Names of the adapters on ``model``, in the order they were added."""
-    return list(getattr(model, _CONFIGS_ATTR, {}))
+    state = paca_state.get(model)
+    return list(state.configs) if state is not None else []
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The name of the active adapter (``None`` on a model without PaCA)."""
+    state = paca_state.get(model)
+    return state.active if state is not None else None
+
+
+def get_config(model: nn.Module, adapter_name: str | None = None) -> PacaConfig:
+    """The settings of one adapter (default: the active one)."""
+    return _state(model, "read").configs[resolve_adapter(model, adapter_name, "read")]
 
 
 def resolve_adapter(model: nn.Module, adapter_name: str | None = None, action: str = "use") -> str:
     """``adapter_name`` (default: the active adapter), or an error saying why it cannot be
     ``action``-ed: no adapters at all, or no adapter of that name."""
-    names = adapter_names(model)
-    if not names:
-        raise ValueError(
-            f"{type(model).__name__} has no PaCA adapters to {action}; call paca.enable first"
+    state = _state(model, action)
+    name = adapter_name or state.active
+    if name not in state.configs:
+        raise PacaError(
+            f"{type(model).__name__} has no adapter named {name!r}; it has {list(state.configs)}"
         )
-    name = adapter_name or getattr(model, _ACTIVE_ATTR)
-    if name not in names:
-        raise ValueError(f"{type(model).__name__} has no adapter named {name!r}; it has {names}")
     return name
 
 
@@ -479,6 +399,9 @@ def add_adapter(
 
     Settings as for ``enable`` (the device is the model's). A layer that already carries
     adapters keeps its execution mode. Switch with ``set_adapter``.
+
+    Raises:
+        PacaError: no PaCA on the model yet, the name is taken, or a bad setting.
     """
     config = _settings_to_config(
         config,
@@ -492,26 +415,29 @@ def add_adapter(
         mode=mode,
         trainable_modules=trainable_modules,
     )
-    return _add_adapter(model, adapter_name, config, calibration=calibration)
+    return add_adapter_config(model, adapter_name, config, calibration=calibration)
 
 
-def _add_adapter(
+def add_adapter_config(
     model: nn.Module,
     adapter_name: str,
     config: PacaConfig,
+    *,
     targets: list[str] | None = None,
     indices: dict[str, torch.Tensor] | None = None,
     calibration=None,
 ) -> nn.Module:
+    """``add_adapter`` from a config, optionally with exact ``targets`` and ``indices`` (see
+    ``enable_config``)."""
     _check_adapter_name(adapter_name)
     if not is_enabled(model):
-        raise ValueError(f"{type(model).__name__} has no PaCA adapters; call paca.enable first")
-    if adapter_name in adapter_names(model):
-        raise ValueError(f"{type(model).__name__} already has an adapter named {adapter_name!r}")
-    trainable = _resolve_trainable(model, config.trainable_modules)
+        raise PacaError(f"{type(model).__name__} has no PaCA adapters; call paca.enable first")
+    state = _state(model, "add to")
+    if adapter_name in state.configs:
+        raise PacaError(f"{type(model).__name__} already has an adapter named {adapter_name!r}")
+    trainable = resolve_trainable(model, config.trainable_modules)
     config = dataclasses.replace(config, trainable_modules=trainable)
-    plans = _plan(model, config, trainable, targets, indices, calibration)
-    active = getattr(model, _ACTIVE_ATTR)
+    plans, _ = _plan(model, config, trainable, targets, indices, calibration)
     added: list[tuple[str, nn.Module]] = []  # (name, module to put back, or None)
     try:
         for plan in plans:
@@ -521,7 +447,7 @@ def _add_adapter(
                 added.append((plan.name, None))
             else:
                 layer = PacaLinear(plan.module, plan.idx, config.alpha, plan.mode, adapter_name)
-                layer.set_adapter(active)
+                layer.set_adapter(state.active)
                 _set_submodule(model, plan.name, layer)
                 added.append((plan.name, plan.module))
         for name in trainable:
@@ -531,7 +457,7 @@ def _add_adapter(
                 added.append((name, None))
             else:
                 wrapper = TrainedCopy(current, adapter_name)
-                wrapper.set_adapter(active)
+                wrapper.set_adapter(state.active)
                 _set_submodule(model, name, wrapper)
                 added.append((name, current))
     except BaseException:
@@ -541,7 +467,7 @@ def _add_adapter(
             else:
                 model.get_submodule(name).delete_adapter(adapter_name)
         raise
-    getattr(model, _CONFIGS_ATTR)[adapter_name] = config
+    state.configs[adapter_name] = config
     return model
 
 
@@ -554,8 +480,7 @@ def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     resolve_adapter(model, adapter_name, "switch")
     for _, module in _switches(model):
         module.set_adapter(adapter_name)
-    setattr(model, _ACTIVE_ATTR, adapter_name)
-    setattr(model, _CONFIG_ATTR, getattr(model, _CONFIGS_ATTR)[adapter_name])
+    _state(model, "switch").active = adapter_name
     return model
 
 
@@ -564,13 +489,14 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     (with a warning); the last one is removed with ``paca.unload`` or folded with ``paca.merge``.
     """
     resolve_adapter(model, adapter_name, "delete")
-    remaining = [n for n in adapter_names(model) if n != adapter_name]
+    state = _state(model, "delete")
+    remaining = [n for n in state.configs if n != adapter_name]
     if not remaining:
-        raise ValueError(
+        raise PacaError(
             f"{adapter_name!r} is the model's only adapter; use paca.unload(model) to remove it "
             "or paca.merge(model) to fold it into the weights"
         )
-    if getattr(model, _ACTIVE_ATTR) == adapter_name:
+    if state.active == adapter_name:
         warnings.warn(
             f"deleting the active adapter {adapter_name!r}; {remaining[0]!r} is active now",
             UserWarning,
@@ -583,27 +509,27 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
             continue
         module.delete_adapter(adapter_name)
         if not holder:  # no adapter left on this module: give back the base module
-            base = module.base_layer if isinstance(module, PacaLinear) else module.original
+            base = module.release() if isinstance(module, PacaLinear) else module.original
             _set_submodule(model, name, base)
-    del getattr(model, _CONFIGS_ATTR)[adapter_name]
+    del state.configs[adapter_name]
     return model
 
 
-def _finish(model: nn.Module, replacement: str) -> nn.Module:
-    """Swaps every PaCA module for the module named by ``replacement`` and restores flags."""
+def _finish(model: nn.Module, keep_trained: bool) -> nn.Module:
+    """Swaps every PaCA module for its base module (for a module trained in full: its trained
+    copy if ``keep_trained``), gives back the ``requires_grad`` flags and drops paca's state."""
     for name, layer in paca_layers(model):
-        _set_submodule(model, name, layer.base_layer)
+        _set_submodule(model, name, layer.release())
     for name, wrapper in _trained_copies(model):
         keep = wrapper.original
-        if replacement == "trained" and wrapper.active_adapter is not None:
+        if keep_trained and wrapper.active_adapter is not None:
             keep = wrapper.trained
         _set_submodule(model, name, keep)
-    flags = getattr(model, _FLAGS_ATTR, {})
+    state = paca_state.get(model)
+    flags = state.requires_grad if state is not None else {}
     for n, p in model.named_parameters():
         p.requires_grad_(flags.get(n, True))
-    for attr in _ATTRS:
-        if hasattr(model, attr):
-            delattr(model, attr)
+    paca_state.detach(model)
     return model
 
 
@@ -616,6 +542,22 @@ def _require_adapters(model: nn.Module, action: str) -> bool:
         stacklevel=3,
     )
     return False
+
+
+def check_finite(model: nn.Module, adapter_name: str | None = None, action: str = "write") -> None:
+    """Refuses an adapter holding NaN or inf (before anything is written or merged).
+
+    Raises:
+        PacaError: names the first layer whose ``delta`` is not finite.
+    """
+    name = resolve_adapter(model, adapter_name, action)
+    for layer_name, _, adapter in adapter_layers(model, name):
+        if not torch.isfinite(adapter.delta).all():
+            raise PacaError(
+                f"delta of {layer_name} holds NaN or inf; refusing to {action} adapter {name!r} "
+                "(nothing was changed). Resume from an earlier checkpoint or lower the "
+                "learning rate"
+            )
 
 
 def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -633,28 +575,37 @@ def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     that was trained (docs/qpaca.md measures by how much for nf4). Layers that were not adapted
     stay as they are (quantized); quantize the merged model again, or call transformers'
     ``model.dequantize()`` for a fully floating-point model.
+
+    Raises:
+        PacaError: NaN/inf in the adapter, a layer disabled, sharded or offloaded weights (the
+            model is unchanged).
     """
     if not _require_adapters(model, "merge"):
         return model
     layers = [(n, layer) for n, layer in paca_layers(model) if layer.active_adapter is not None]
     for name, layer in layers:
         if layer._disabled:
-            raise RuntimeError(f"cannot merge inside paca.disabled(): {name} is disabled")
-        if not torch.isfinite(layer.delta).all():
-            raise ValueError(
-                f"delta of {name} holds NaN or inf; refusing to merge (model unchanged)"
-            )
+            raise PacaError(f"cannot merge inside paca.disabled(): {name} is disabled")
+    check_finite(model, action="merge")
+    for name, layer in layers:
         weight = layer.weight
         if layer.mode == "additive" and hasattr(weight, "device_mesh"):
-            raise ValueError(
+            raise PacaError(
                 f"cannot merge into {name}: its weight is sharded ({type(weight).__name__}); "
                 "gather a full state dict first, or save the adapter with paca.save_adapter and "
                 "load it onto an unsharded model to merge"
             )
-    others = [n for n in adapter_names(model) if n != getattr(model, _ACTIVE_ATTR)]
+        if layer.mode == "additive" and isinstance(weight, torch.Tensor) and weight.is_meta:
+            raise PacaError(
+                f"cannot merge into {name}: its weight is offloaded by accelerate (on the meta "
+                "device); save the adapter with paca.save_adapter and merge it onto the base "
+                "model loaded without offload (paca merge --model ... --adapter ...)"
+            )
+    state = _state(model, "merge")
+    others = [n for n in state.configs if n != state.active]
     if others:
         warnings.warn(
-            f"merge folds the active adapter {getattr(model, _ACTIVE_ATTR)!r} and drops {others}",
+            f"merge folds the active adapter {state.active!r} and drops {others}",
             UserWarning,
             stacklevel=2,
         )
@@ -662,7 +613,7 @@ def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     quantized = [
         (name, layer)
         for name, layer in layers
-        if layer.mode == "additive" and quant.is_quantized(layer.base_layer)
+        if layer.mode == "additive" and is_quantized(layer.base_layer)
     ]
     dtype = dtype or (_prevailing_float_dtype(model) if quantized else None)
     dense = {name: quant.to_float_linear(layer.base_layer, dtype) for name, layer in quantized}
@@ -670,7 +621,7 @@ def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         if name in dense:
             layer.base_layer, layer.transposed = dense[name], False
         layer.fold()
-    return _finish(model, "trained")
+    return _finish(model, keep_trained=True)
 
 
 def _prevailing_float_dtype(model: nn.Module) -> torch.dtype | None:
@@ -683,12 +634,28 @@ def _prevailing_float_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Removes PaCA: gives back the base model, weights bit-exact, flags as before ``enable``."""
+    """Removes PaCA: gives back the base model, weights bit-exact, flags as before ``enable``,
+    and nothing of paca left on the model."""
     if not _require_adapters(model, "unload"):
         return model
     for _, layer in paca_layers(model):
         layer.restore_base()
-    return _finish(model, "original")
+    return _finish(model, keep_trained=False)
+
+
+def sync_weights(model: nn.Module) -> nn.Module:
+    """Writes every merged-mode layer's trained columns into its weight now.
+
+    paca does this by itself after every ``optimizer.step()`` of a ``torch.optim`` optimizer
+    (a global step post-hook), on loads and on switches. Call it yourself after changing the
+    deltas any other way: an optimizer that does not go through ``torch.optim.Optimizer.step``
+    (DeepSpeed's fused optimizers, a hand-written update of ``p.data``), or
+    ``load_state_dict`` on the deltas. Additive-mode layers need nothing (they read ``delta``
+    in every forward). Returns the model.
+    """
+    for _, layer in paca_layers(model):
+        layer.sync_weight(force=True)
+    return model
 
 
 @contextlib.contextmanager
@@ -709,38 +676,5 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             module.enable()
 
 
-@dataclass
-class ParameterCount:
-    """How much of a model trains."""
-
-    trainable: int
-    total: int
-    adapted_layers: int
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.trainable / self.total if self.total else 0.0
-
-    def __str__(self) -> str:
-        return (
-            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
-            f"trainable%: {self.percent:.4f} || PaCA layers: {self.adapted_layers}"
-        )
-
-
-def trainable_parameters(model: nn.Module) -> ParameterCount:
-    """Counts trainable and total parameters (each shared tensor once) and adapted layers."""
-    seen: set[int] = set()
-    trainable = total = 0
-    for param in model.parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        total += param.numel()
-        if param.requires_grad:
-            trainable += param.numel()
-    return ParameterCount(trainable, total, len(paca_layers(model)))
-
-
-def print_trainable_parameters(model: nn.Module) -> None:
-    print(trainable_parameters(model))
+# paca 0.1 kept the default targets here; paca.targets has them now
+__getattr__ = forward("paca.model", "paca.targets")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from paca.train import TrainConfig, run
+from paca.recipes.train import TrainConfig, run
 
 # (name, method, r, alpha, learning rates to sweep[, PaCA column selection])
 CONFIGS = [
@@ -45,7 +45,7 @@ def saved_bytes(method: str, r: int, alpha: float) -> int:
 
     import transformers
 
-    from paca.train import (
+    from paca.recipes.train import (
         DEFAULT_DATA,
         apply_method,
         classification_data,

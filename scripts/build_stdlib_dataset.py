@@ -1,9 +1,9 @@
-"""Builds paca/data/stdlib_docstrings.jsonl.gz: which standard-library package a docstring
+"""Builds paca/recipes/data/stdlib_docstrings.jsonl.gz: which standard-library package a docstring
 comes from, 10 classes, with a fixed train/validation/test split.
 
 The docstrings are read with ``ast`` from the running CPython's standard library (nothing is
 imported or executed). The shipped file was built from CPython 3.11.7; the docstrings are the
-PSF's, under the licence in paca/data/LICENSE-PSF.txt.
+PSF's, under the licence in paca/recipes/data/LICENSE-PSF.txt.
 
     python scripts/build_stdlib_dataset.py
 """

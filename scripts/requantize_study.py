@@ -25,9 +25,8 @@ import transformers
 
 import paca
 from paca import quant
-from paca.loading import dtype_argument
-from paca.model import _HEAD_NAMES
-from paca.train import (
+from paca.recipes.loading import dtype_argument
+from paca.recipes.train import (
     DEFAULT_DATA,
     TrainConfig,
     classification_data,
@@ -35,6 +34,7 @@ from paca.train import (
     read_rows,
     split_rows,
 )
+from paca.targets import HEAD_NAMES
 
 
 def requantized(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,7 +78,7 @@ def main() -> None:
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
         model_path,
         num_labels=len(labels),
-        quantization_config=quant.bnb_config("4bit", skip=list(_HEAD_NAMES)),
+        quantization_config=quant.bnb_config("4bit", skip=list(HEAD_NAMES)),
         **dtype_argument(torch.float32),
     )
     paca.load_adapter(model, adapter)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from paca.checkpoint import ADAPTER_WEIGHTS
+from paca.adapters import ADAPTER_WEIGHTS
 
 # BERT-style layer names (the default model of paca train); other models' layers match none
 GROUPS = {

@@ -25,10 +25,10 @@ def test_add_switch_and_train_each_adapter(mode):
     out_a = model(ids).logits.detach()
     paca.add_adapter(model, "b", r=2, seed=5, mode=mode)
     assert paca.adapter_names(model) == ["a", "b"]
-    assert model.paca_active_adapter == "a"
+    assert paca.active_adapter(model) == "a"
     assert torch.equal(model(ids).logits, out_a), "adding an adapter does not change the active one"
     paca.set_adapter(model, "b")
-    assert model.paca_config.r == 2
+    assert paca.get_config(model).r == 2
     assert torch.equal(model(ids).logits, base), "a fresh adapter starts at the base model"
     trained = train(model, seed=2)
     layers = [layer for _, layer in paca.paca_layers(model)]
@@ -63,7 +63,7 @@ def test_each_adapter_saves_and_loads_on_its_own(tmp_path):
     # one fresh model, both adapters loaded by name
     fresh = paca.load_adapter(tiny_llama(), tmp_path / "a", adapter_name="a")
     paca.load_adapter(fresh, tmp_path / "b", adapter_name="b")
-    assert fresh.paca_active_adapter == "a", "a loaded adapter is added, not activated"
+    assert paca.active_adapter(fresh) == "a", "a loaded adapter is added, not activated"
     assert torch.equal(fresh(ids).logits, outputs["a"])
     paca.set_adapter(fresh, "b")
     assert torch.equal(fresh(ids).logits, outputs["b"])
@@ -100,7 +100,7 @@ def test_delete_rules():
         paca.delete_adapter(model, "c")
     with pytest.warns(UserWarning, match="deleting the active adapter 'a'; 'b' is active now"):
         paca.delete_adapter(model, "a")
-    assert model.paca_active_adapter == "b"
+    assert paca.active_adapter(model) == "b"
     with pytest.raises(ValueError, match="only adapter; use paca.unload"):
         paca.delete_adapter(model, "b")
     with pytest.raises(ValueError, match="already has an adapter named 'b'"):

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from paca import bench
 from paca.cli import main
+from paca.recipes import bench
 
 
 @pytest.fixture(scope="module")

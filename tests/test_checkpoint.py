@@ -8,7 +8,7 @@ from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch, t
 from safetensors.torch import load_file
 
 import paca
-from paca.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from paca.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 
 def trained(model_fn=tiny_llama, steps=3, **enable):
@@ -32,7 +32,7 @@ def test_round_trip_onto_a_fresh_base_whatever_the_rng(tmp_path, mode):
     fresh = tiny_llama()
     paca.load_adapter(fresh, tmp_path / "adapter")
     assert torch.equal(fresh(ids).logits, expected)
-    assert fresh.paca_config.r == 4
+    assert paca.get_config(fresh).r == 4
     assert [layer.mode for _, layer in paca.paca_layers(fresh)] == [mode] * 14
 
 

@@ -105,7 +105,7 @@ def test_reads_the_peft_branch_and_the_authors_formats(tmp_path, caplog, model_f
         fresh = paca.load_adapter(model_fn(), tmp_path / "foreign")
     kind = "authors' format" if original else "PEFT PaCA branch format"
     assert kind in caplog.text and "r=4, alpha=8" in caplog.text
-    assert fresh.paca_config.alpha == 8.0 and fresh.paca_config.r == 4
+    assert paca.get_config(fresh).alpha == 8.0 and paca.get_config(fresh).r == 4
     if original:  # delta = paca_w - W0[:, idx] / s: rounding of the subtraction
         torch.testing.assert_close(fresh(ids).logits, expected, rtol=1e-5, atol=1e-5)
     else:

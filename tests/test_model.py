@@ -22,7 +22,7 @@ def assert_unchanged(model, state, flags):
     assert now.keys() == state.keys()
     assert all(torch.equal(now[k], state[k]) for k in state)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert not hasattr(model, "paca_config")
+    assert paca.get_state(model) is None
 
 
 def train(model, steps=8, lr=1e-2):
@@ -101,7 +101,7 @@ def test_bert_classifier_trains_head_and_encoder_layers():
     names = [n for n, _ in paca.paca_layers(model)]
     assert len(names) == 2 * 6 and not any("pooler" in n for n in names)
     assert isinstance(model.classifier, TrainedCopy)
-    assert model.paca_config.trainable_modules == ["classifier"]
+    assert paca.get_config(model).trainable_modules == ["classifier"]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     losses = []

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import paca
 from paca import quant
-from paca.loading import dtype_argument
+from paca.recipes.loading import dtype_argument
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -85,7 +85,7 @@ def test_calibration_changes_no_weight_leaves_no_grad_and_restores_the_mode():
 
 def test_selected_columns_are_saved_and_load_without_calibration(tmp_path):
     model = paca.enable(tiny_llama(), r=4, selection="gradient", calibration=_calibration())
-    assert model.paca_calibration["strategy"] == "gradient"
+    assert paca.get_state(model).calibration["strategy"] == "gradient"
     paca.save_adapter(model, tmp_path)
     fresh = paca.load_adapter(tiny_llama(), tmp_path)  # no calibration needed
     pairs = zip(paca.paca_layers(model), paca.paca_layers(fresh), strict=True)
@@ -119,7 +119,7 @@ def test_calibration_errors_leave_the_model_unchanged(kwargs, message):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises((ValueError, TypeError), match=message):
         paca.enable(model, r=4, **kwargs)
-    assert not paca.paca_layers(model) and not hasattr(model, "paca_calibration")
+    assert not paca.paca_layers(model) and paca.get_state(model) is None
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
 

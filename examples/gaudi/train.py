@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from paca.integrations import gaudi
-from paca.loading import dtype_argument
+from paca.recipes.loading import dtype_argument
 
 
 class TextFile(torch.utils.data.Dataset):

@@ -1,122 +1,164 @@
-"""Backends: per-device kernels for the ops of ``paca.ops``, and device resolution.
+"""Backends: one file per device with its kernels for the ops of ``paca.ops``, and this table.
 
-Nothing here touches a device at import: CUDA is not initialised and ``habana_frameworks`` is
-not imported until a user asks for that device. Adding a device is one file in this folder plus
-one line in ``_MODULES``.
+Each backend module declares, at top level and nothing else:
+
+* ``DEVICE_TYPE`` (str): the ``torch.device`` type it serves (``"cuda"``).
+* ``AUTO_RANK`` (int): its place in ``device="auto"`` (lowest available wins; the CPU is last).
+* ``HINT`` (str | None): why the device may be missing here, shown when it is asked for but
+  absent.
+* ``is_available() -> bool``: the probe; it runs only when a user or ``"auto"`` asks.
+* ``KERNELS`` (dict): op name -> kernel; ops it leaves out run their reference kernel.
+* optionally ``synchronize(device)``, ``max_memory_allocated(device)``,
+  ``reset_peak_memory_stats(device)`` where ``torch.<device type>`` lacks them.
+
+Adding a device is one file in this folder plus one line in ``MODULES``. Importing a backend
+module touches no device: CUDA is not initialised and ``habana_frameworks`` is not imported
+until a probe runs. Only this package names devices; the rest of paca calls the ops.
+
+Imports: ``paca.ops`` only.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import sys
 from types import ModuleType
 
 import torch
 
 from paca import ops
+from paca.errors import PacaError
 
-_MODULES = {
-    "cpu": "paca.backends.cpu",
-    "cuda": "paca.backends.cuda",
-    "hpu": "paca.backends.hpu",
-}
+MODULES: tuple[str, ...] = (
+    "paca.backends.cpu",
+    "paca.backends.cuda",
+    "paca.backends.hpu",
+    "paca.backends.xpu",
+    "paca.backends.mps",
+)
+# Device types whose tensors never need kernels of their own: meta tensors hold no data (an
+# offloaded weight, loaded per call by accelerate's hooks, lives there between calls).
+NO_BACKEND = frozenset({"meta"})
 _loaded: dict[str, ModuleType] = {}
+
+
+def table() -> dict[str, ModuleType]:
+    """``device type -> backend module`` for every entry of ``MODULES``, in ``"auto"`` order."""
+    modules = [importlib.import_module(name) for name in MODULES]
+    return {m.DEVICE_TYPE: m for m in sorted(modules, key=lambda m: m.AUTO_RANK)}
+
+
+def device_types() -> list[str]:
+    """The device types paca has a backend for, in ``"auto"`` order."""
+    return list(table())
 
 
 def load(device_type: str) -> ModuleType:
     """Registers the kernels of one backend (once) and returns its module.
 
-    Registering a kernel for the ``cuda`` or ``hpu`` dispatch key touches no device, so tests
-    load every backend on a CPU-only machine and call its kernels on CPU tensors.
+    Registering a kernel for a device's dispatch key touches no device, so tests load every
+    backend on a CPU-only machine and call its kernels on CPU tensors.
+
+    Raises:
+        PacaError: no backend serves ``device_type``.
     """
-    if device_type not in _MODULES:
-        raise ValueError(
-            f"paca has no backend for device type {device_type!r}; known: {sorted(_MODULES)}"
+    backends = table()
+    if device_type not in backends:
+        raise PacaError(
+            f"paca has no backend for device type {device_type!r}; known: {sorted(backends)}"
         )
     if device_type not in _loaded:
-        module = importlib.import_module(_MODULES[device_type])
+        module = backends[device_type]
         for name, kernel in module.KERNELS.items():
             ops.register_kernel(name, device_type, kernel)
         _loaded[device_type] = module
     return _loaded[device_type]
 
 
+def load_for(devices) -> None:
+    """Loads the backends of the devices a model's tensors live on (``meta`` needs none)."""
+    for device_type in sorted({torch.device(d).type for d in devices} - NO_BACKEND):
+        load(device_type)
+
+
 def loaded() -> list[str]:
     return sorted(_loaded)
 
 
-def _hpu_available() -> bool:
-    # Only probe Gaudi when its plugin is installed; importing it registers torch.hpu.
-    if (
-        "habana_frameworks" not in sys.modules
-        and importlib.util.find_spec("habana_frameworks") is None
-    ):
-        return False
-    importlib.import_module("habana_frameworks.torch")
-    return hasattr(torch, "hpu") and torch.hpu.is_available()
-
-
 def is_available(device_type: str) -> bool:
-    if device_type == "cpu":
-        return True
-    if device_type == "cuda":
-        return torch.cuda.is_available()
-    if device_type == "hpu":
-        return _hpu_available()
-    return False
+    backend = table().get(device_type)
+    return backend is not None and bool(backend.is_available())
 
 
 def resolve_device(device: str | torch.device, current: torch.device | None = None) -> torch.device:
     """Turns the user's ``device`` setting into a ``torch.device``, or explains why it cannot.
 
     ``"auto"`` keeps a model that already sits on an accelerator where it is, and otherwise picks
-    an HPU, then a CUDA GPU, then the CPU.
+    the first available backend in ``AUTO_RANK`` order (HPU, CUDA, XPU, MPS, then the CPU).
+
+    Raises:
+        PacaError: ``device`` is not a device, has no backend, or is not available here.
     """
+    backends = table()
     text = str(device)
     if text == "auto":
-        if current is not None and current.type in _MODULES and current.type != "cpu":
+        if current is not None and current.type in backends and current.type != "cpu":
             return current
-        for candidate in ("hpu", "cuda"):
-            if is_available(candidate):
-                return torch.device(candidate)
+        for device_type, backend in backends.items():
+            if backend.is_available():
+                return torch.device(device_type)
         return torch.device("cpu")
+    names = ", ".join(repr(t) for t in ["auto", *backends])
     try:
         resolved = torch.device(text)
     except RuntimeError as exc:
-        raise ValueError(
-            f"device={text!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'hpu'"
+        raise PacaError(
+            f"device={text!r} is not a device; use one of {names} (optionally 'cuda:N')"
         ) from exc
-    if resolved.type not in _MODULES:
-        raise ValueError(
-            f"device={text!r} has no paca backend; use one of 'auto', {sorted(_MODULES)}"
-        )
-    if not is_available(resolved.type):
-        hint = {
-            "cuda": "torch.cuda.is_available() is False (no GPU, or a CPU build of torch)",
-            "hpu": "habana_frameworks is not installed or sees no Gaudi (it ships only in "
-            "Intel's Gaudi images, not on PyPI)",
-        }[resolved.type]
-        raise ValueError(
-            f"device={text!r} is not available here: {hint}; use device='cpu' or 'auto'"
+    if resolved.type not in backends:
+        raise PacaError(f"device={text!r} has no paca backend; use one of {names}")
+    backend = backends[resolved.type]
+    if not backend.is_available():
+        raise PacaError(
+            f"device={text!r} is not available here: {backend.HINT}; use device='cpu' or 'auto'"
         )
     return resolved
+
+
+def _device_function(device: torch.device, name: str):
+    """The backend's own ``name``, else ``torch.<type>.<name>``, else ``torch.accelerator``'s
+    when ``device`` is the current accelerator, else ``None`` (``torch.mps`` has no peak
+    memory counters, for one)."""
+    backend = table().get(device.type)
+    function = getattr(backend, name, None) or getattr(
+        getattr(torch, device.type, None), name, None
+    )
+    if function is not None:
+        return function
+    accelerator = getattr(torch, "accelerator", None)
+    current = accelerator.current_accelerator() if accelerator is not None else None
+    if current is not None and current.type == device.type:
+        return getattr(accelerator, name, None)
+    return None
 
 
 def synchronize(device: torch.device) -> None:
     """Waits for queued work on ``device`` (for timing); a no-op on the CPU."""
     if device.type != "cpu":
-        getattr(torch, device.type).synchronize(device)
+        function = _device_function(device, "synchronize")
+        if function is not None:
+            function(device)
 
 
 def device_memory(device: torch.device) -> dict[str, int] | None:
-    """Peak bytes allocated on an accelerator since the last reset, or ``None`` on the CPU."""
-    if device.type == "cpu":
+    """Peak bytes allocated on an accelerator since the last reset; ``None`` on the CPU and on
+    devices without a peak counter."""
+    function = None if device.type == "cpu" else _device_function(device, "max_memory_allocated")
+    if function is None:
         return None
-    module = getattr(torch, device.type)
-    return {"max_memory_allocated": int(module.max_memory_allocated(device))}
+    return {"max_memory_allocated": int(function(device))}
 
 
 def reset_device_memory(device: torch.device) -> None:
-    if device.type != "cpu":
-        getattr(torch, device.type).reset_peak_memory_stats(device)
+    function = None if device.type == "cpu" else _device_function(device, "reset_peak_memory_stats")
+    if function is not None:
+        function(device)

@@ -4,6 +4,14 @@ import torch
 
 from paca.ops import grad_dtype
 
+DEVICE_TYPE = "cpu"
+AUTO_RANK = 100  # the fallback: every accelerator comes first
+HINT = None  # always available
+
+
+def is_available() -> bool:
+    return True
+
 
 def partial_grad(grad_out, x_idx, scaling):
     # CPU GEMMs in bf16/fp16 are not faster than fp32 for this tall-skinny product

@@ -7,6 +7,14 @@ import torch
 
 from paca.ops import grad_dtype
 
+DEVICE_TYPE = "cuda"
+AUTO_RANK = 20
+HINT = "torch.cuda.is_available() is False (no GPU, or a CPU build of torch)"
+
+
+def is_available() -> bool:
+    return torch.cuda.is_available()
+
 
 def partial_grad(grad_out, x_idx, scaling):
     # Tensor cores take bf16/fp16 operands and accumulate in fp32; the scaling rides in the

@@ -5,9 +5,31 @@ Habana PyTorch bridge (lazy or eager mode) and lower into the surrounding graph.
 listed here run their reference kernel from ``paca/ops.py``.
 """
 
+import importlib
+import importlib.util
+import sys
+
 import torch
 
 from paca.ops import grad_dtype
+
+DEVICE_TYPE = "hpu"
+AUTO_RANK = 10
+HINT = (
+    "habana_frameworks is not installed or sees no Gaudi (it ships only in Intel's Gaudi "
+    "images, not on PyPI)"
+)
+
+
+def is_available() -> bool:
+    # Only probe Gaudi when its plugin is installed; importing it registers torch.hpu.
+    if (
+        "habana_frameworks" not in sys.modules
+        and importlib.util.find_spec("habana_frameworks") is None
+    ):
+        return False
+    importlib.import_module("habana_frameworks.torch")
+    return hasattr(torch, "hpu") and torch.hpu.is_available()
 
 
 def scatter_cols(cols, idx, in_features):

@@ -27,7 +27,9 @@ import sys
 from torch import nn
 
 from paca import backends
+from paca.errors import MissingDependency, PacaError
 from paca.integrations.hf import AdapterCheckpoints, Trainer
+from paca.model import enable as paca_enable
 
 LAZY_ENV = "PT_HPU_LAZY_MODE"
 
@@ -39,16 +41,14 @@ def enable(model: nn.Module, **paca_settings) -> nn.Module:
     importing ``habana_frameworks``, so a ``GaudiConfig`` built afterwards still works.
     ``paca_settings`` are those of ``paca.enable`` except ``device``.
     """
-    import paca
-
     if "device" in paca_settings:
-        raise ValueError(
+        raise PacaError(
             "paca.integrations.gaudi.enable leaves the device to the Trainer: drop device="
             f"{paca_settings['device']!r} (or call paca.enable(model, device='hpu') yourself)"
         )
     backends.load("hpu")
     current = next((p.device for p in model.parameters()), None)
-    return paca.enable(
+    return paca_enable(
         model, device=str(current) if current is not None else "cpu", **paca_settings
     )
 
@@ -87,11 +87,14 @@ def _optimum_habana():
     try:
         from optimum.habana import GaudiConfig, GaudiTrainer, GaudiTrainingArguments
     except (ImportError, IndexError) as exc:  # IndexError: its version check without Gaudi
-        raise ImportError(
-            "GaudiTrainer needs optimum-habana 1.21.2 on a Gaudi machine with Intel's software "
-            "1.24 (pip install 'paca[hpu]' inside docker/gaudi.Dockerfile); it cannot be "
-            f"imported here ({type(exc).__name__}: {exc}). Without it, use hpu_trainer "
-            "(the plain Trainer in eager mode)"
+        raise MissingDependency(
+            "optimum-habana",
+            "GaudiTrainer",
+            "hpu",
+            detail="optimum-habana 1.21.2 on a Gaudi machine with Intel's software 1.24 (pip "
+            "install 'paca[hpu]' inside docker/gaudi.Dockerfile); it cannot be imported here "
+            f"({type(exc).__name__}: {exc}). Without it, use hpu_trainer (the plain Trainer in "
+            "eager mode)",
         ) from exc
     return GaudiConfig, GaudiTrainer, GaudiTrainingArguments
 
@@ -119,10 +122,10 @@ def gaudi_trainer(
     gaudi_config_cls, gaudi_trainer_cls, arguments_cls = _optimum_habana()
     if args is None:
         if output_dir is None:
-            raise ValueError("gaudi_trainer needs args= (GaudiTrainingArguments) or output_dir=")
+            raise PacaError("gaudi_trainer needs args= (GaudiTrainingArguments) or output_dir=")
         args = arguments_cls(output_dir=output_dir, use_habana=True, use_lazy_mode=lazy)
     if not getattr(args, "use_habana", False):
-        raise ValueError(
+        raise PacaError(
             "args.use_habana is False: GaudiTrainer would train on the CPU; pass "
             "GaudiTrainingArguments(use_habana=True, ...)"
         )

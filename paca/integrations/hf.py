@@ -6,6 +6,8 @@ trains a PaCA model unchanged, but its checkpoints hold a full copy of the model
 that is 14 GB per checkpoint for a few MB of adapter. ``paca.Trainer`` writes the adapter
 (``paca.save_adapter``), any other trainable parameter and the optimizer, scheduler and RNG
 state the Trainer saves anyway, and resumes from exactly that.
+
+Imports: ``transformers``, ``paca.adapters``, ``paca.model``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from paca.checkpoint import ADAPTER_WEIGHTS, load_adapter, save_adapter
-from paca.model import _ACTIVE_ATTR, adapter_copies, adapter_layers, is_enabled
+from paca.adapters import ADAPTER_WEIGHTS, load_adapter, save_adapter
+from paca.adapters.common import atomic_file, cpu_tensors
+from paca.errors import PacaError
+from paca.model import active_adapter, adapter_copies, adapter_layers, is_enabled
 
 # trainable parameters that are neither a delta nor in a module paca trains in full
 OTHER_TRAINABLE = "other_trainable.safetensors"
@@ -44,7 +48,7 @@ def quantized_training(model: nn.Module) -> Iterator[nn.Module]:
         yield model
         return
     if not is_enabled(model):
-        raise ValueError(
+        raise PacaError(
             f"{type(model).__name__} is quantized and has no PaCA adapters: call paca.enable "
             "first (only the adapters of a quantized model can be trained)"
         )
@@ -62,7 +66,7 @@ def quantized_training(model: nn.Module) -> Iterator[nn.Module]:
 
 def _other_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     """Trainable parameters the adapter file does not hold (e.g. a norm the user unfroze)."""
-    active = getattr(model, _ACTIVE_ATTR, None)
+    active = active_adapter(model)
     held = set()
     if active is not None:
         held |= {id(a.delta) for _, _, a in adapter_layers(model, active)}
@@ -101,8 +105,8 @@ class AdapterCheckpoints:
         save_adapter(model, output_dir)
         other = _other_trainable(model)
         if other:
-            tensors = {n: p.detach().to("cpu").contiguous() for n, p in other.items()}
-            save_file(tensors, os.path.join(output_dir, OTHER_TRAINABLE))
+            with atomic_file(os.path.join(output_dir, OTHER_TRAINABLE)) as tmp:
+                save_file(cpu_tensors(other), str(tmp))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
@@ -147,7 +151,7 @@ def _load_into(model: nn.Module, directory: str) -> None:
     path = os.path.join(directory, OTHER_TRAINABLE)
     saved = load_file(path) if os.path.isfile(path) else {}
     if set(saved) != set(other):
-        raise ValueError(
+        raise PacaError(
             f"checkpoint {directory} holds trainable parameters {sorted(saved)} but the model "
             f"trains {sorted(other)} besides the adapter: unfreeze the same parameters as in "
             "the run that wrote it"

