@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from paca.errors import PacaError
-from paca.selection import STRATEGIES
+from paca import selection
 
 MODES = ("auto", "merged", "additive")
 
@@ -69,10 +69,10 @@ class PacaConfig:
         self.alpha = float(self.alpha)
         if self.mode not in MODES:
             raise PacaError(f"PacaConfig.mode={self.mode!r} is not one of {MODES}")
-        if self.selection not in STRATEGIES:
+        if self.selection not in selection.STRATEGIES:
             raise PacaError(
                 f"PacaConfig.selection={self.selection!r} is unknown; choose one of "
-                f"{sorted(STRATEGIES)}"
+                f"{', '.join(selection.STRATEGIES)}"
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise PacaError(f"PacaConfig.seed must be an integer, got seed={self.seed!r}")

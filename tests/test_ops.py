@@ -10,7 +10,7 @@ import torch
 import paca  # noqa: F401  (registers the CPU kernels)
 from paca import backends, ops
 
-BACKENDS = ["cpu", "cuda", "hpu"]
+BACKENDS = backends.device_types()  # discovered from the table, not written by hand
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
@@ -111,13 +111,11 @@ def test_reference_kernels(dtype):
 def test_backend_kernels_on_cpu_tensors(backend, dtype):
     module = backends.load(backend)
     cases = _cases(dtype)
-    assert module.KERNELS, f"{backend} claims no kernel"
+    if not module.KERNELS:
+        pytest.skip(f"{backend} runs the reference kernels (tested above)")
     for name, kernel in module.KERNELS.items():
         for args in cases[name]:
             _check(kernel, name, args, dtype)
-
-
-_DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA", "hpu": "HPU"}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -126,7 +124,7 @@ def test_backend_registers_the_kernels_it_claims(backend):
     assert set(module.KERNELS) <= set(ops.OPS), f"{backend} claims ops that do not exist"
     for name in ops.OPS:
         registered = torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"paca::{name}", _DISPATCH_KEY[backend]
+            f"paca::{name}", torch._C._dispatch_key_for_device(backend)
         )
         assert registered == (name in module.KERNELS), (
             f"{backend}: {name} claimed={name in module.KERNELS} registered={registered}"

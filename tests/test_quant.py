@@ -328,3 +328,71 @@ def test_hugging_face_trainer_accepts_a_quantized_paca_model(llama_folder, tmp_p
         trainer = transformers.Trainer(model=model, args=args)
     assert trainer.model is model and "_hf_peft_config_loaded" not in vars(model)
     assert not model._hf_peft_config_loaded  # transformers' class default again
+
+
+def test_a_new_quantized_layer_type_is_one_dequantizer_and_one_registration(monkeypatch):
+    class Packed(Int8ForwardOnly):
+        """A layer whose scales paca is told how to read (no probing)."""
+
+    monkeypatch.setattr(quant, "DEQUANTIZERS", list(quant.DEQUANTIZERS))
+    quant.register_dequantizer("test packed", lambda m: isinstance(m, Packed))(lambda m: m.dense())
+
+    def no_probe(module, block=1024):
+        raise AssertionError("the registered dequantizer should have been used")
+
+    monkeypatch.setattr(quant, "_probe", no_probe)
+    layer = Packed(float_linear())
+    assert torch.equal(quant.dequantize(layer, torch.float64), layer.dense())
+    model = paca.enable(Holder(layer), r=4, target_modules=["proj"])
+    x = torch.randn(3, IN)
+    with torch.no_grad():
+        want = model(x)
+    merged = paca.merge(model)
+    torch.testing.assert_close(merged.proj(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_eval_without_grad_keeps_the_4bit_training_kernel(quant_type):
+    # bitsandbytes switches a Linear4bit in eval mode, on an input without grad, on CPUs with
+    # AVX512-BF16, to a packed format with its own kernel; OUT=80 is no multiple of its block,
+    # where that conversion fails outright. paca keeps adapted layers on the training kernel.
+    base = bnb_4bit(float_linear(), quant_type)
+    setting = getattr(base, "support_avx512bf16_for_cpu", None)
+    model = paca.enable(Holder(base), r=8, target_modules=["proj"])
+    layer = model.proj
+    with torch.no_grad():
+        layer.delta.copy_(torch.randn(layer.delta.shape))
+    x = torch.randn(5, IN)
+    model.train()
+    with torch.no_grad():
+        train_out = model(x)
+    model.eval()
+    with torch.no_grad():
+        eval_out = model(x)
+    assert not getattr(base.weight.quant_state, "packing_format_for_cpu", False)
+    assert torch.equal(eval_out, train_out), "eval ran another kernel than training"
+    want = x.double() @ reference_weight(base).t() + base.bias.double()
+    want = want + layer.scaling * x.double()[:, layer.idx] @ layer.delta.double().t()
+    assert (eval_out.double() - want).abs().max() / want.abs().max() < 1e-5
+    paca.unload(model)
+    assert getattr(base, "support_avx512bf16_for_cpu", None) == setting, "unload restores it"
+
+
+def test_a_4bit_layer_packed_before_enable_is_unpacked():
+    if not bnb.functional.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never packs here")
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64)  # shapes the packed path accepts
+    base = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, quant_type="nf4")
+    base.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False)
+    base.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    base = base.to("cpu").eval()
+    with torch.no_grad():
+        base(torch.randn(2, 128))  # bitsandbytes packs the weight now
+    assert base.weight.quant_state.packing_format_for_cpu
+    model = paca.enable(Holder(base), r=4, target_modules=["proj"])
+    assert not getattr(base.weight.quant_state, "packing_format_for_cpu", False)
+    x = torch.randn(3, 128, requires_grad=True)
+    model.train()
+    model(x).sum().backward()  # the training kernel, with an input gradient
+    assert x.grad is not None and torch.isfinite(x.grad).all()

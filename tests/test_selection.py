@@ -128,3 +128,33 @@ def test_select_columns_needs_scores_for_a_scored_strategy():
     with pytest.raises(ValueError, match="no column scores"):
         select_columns(8, 2, strategy="weight-norm", name="x")
     assert select_columns(8, 2, strategy="activation", scores=torch.arange(8.0)).tolist() == [6, 7]
+
+
+@pytest.fixture
+def last_columns():
+    from paca import selection
+
+    @selection.scorer("last-columns")
+    def _last(model, names, calibration):
+        """the r columns with the highest index (a test strategy)."""
+        return {n: torch.arange(model.get_submodule(n).in_features).float() for n in names}
+
+    yield selection
+    del selection.STRATEGIES["last-columns"]
+
+
+def test_a_new_strategy_is_one_function_and_one_registration(last_columns):
+    assert "last-columns: the r columns with the highest index" in (
+        last_columns.describe_strategies()
+    )
+    model = paca.enable(tiny_llama(), r=3, selection="last-columns")
+    assert _idx(model).tolist() == [61, 62, 63]  # down_proj has 64 inputs
+    assert paca.get_state(model).calibration["strategy"] == "last-columns"
+    with pytest.raises(ValueError, match="selection='none-such' is unknown; choose one of random"):
+        paca.enable(tiny_llama(), selection="none-such")
+
+
+def test_calibration_from_a_generator_is_counted_once():
+    batches = (b for b in _calibration(3))  # can be iterated only once
+    model = paca.enable(tiny_llama(), r=2, selection="activation", calibration=batches)
+    assert paca.get_state(model).calibration["batches"] == 3
