@@ -104,27 +104,39 @@ def _run_bench(args, parser) -> int:
     return 0
 
 
-def _export_lora_parser(sub) -> None:
-    p = sub.add_parser(
-        "export-lora",
-        help="write a PaCA adapter as a PEFT LoRA adapter (servable by PEFT, vLLM, TGI, LoRAX)",
-        description="Loads the base model and the PaCA adapter and writes an exactly equivalent "
-        "LoRA adapter folder (A = one-hot column selectors, B = scaling * delta).",
-    )
-    p.add_argument("--model", required=True, help="the base model: local folder or hub id")
-    p.add_argument(
-        "--adapter", required=True, help="the PaCA adapter folder (any format paca reads)"
-    )
-    p.add_argument("--output", required=True, help="the LoRA adapter folder to write")
-    p.add_argument("--force", action="store_true", help="replace --output if it exists")
+def _export_parsers(sub) -> None:
+    for name, formats in (("export", ("lora", "peft")), ("export-lora", ("lora",))):
+        p = sub.add_parser(
+            name,
+            help="write a PaCA adapter as a PEFT LoRA adapter (servable by PEFT, vLLM, TGI, "
+            "LoRAX) or in PEFT's own PaCA format"
+            if name == "export"
+            else "the same as `paca export --format lora`",
+            description="Loads the base model and the PaCA adapter and writes it in another "
+            "format: lora, an exactly equivalent LoRA adapter (A = one-hot column selectors, "
+            "B = scaling * delta); peft, PEFT's PaCA format (peft>=0.22, nn.Linear layers only).",
+        )
+        p.add_argument("--model", required=True, help="the base model: local folder or hub id")
+        p.add_argument(
+            "--adapter", required=True, help="the PaCA adapter folder (any format paca reads)"
+        )
+        p.add_argument("--output", required=True, help="the adapter folder to write")
+        p.add_argument("--force", action="store_true", help="replace --output if it exists")
+        p.add_argument("--format", choices=formats, default="lora", help="what to write")
 
 
-def _run_export_lora(args) -> int:
+def _run_export(args) -> int:
     _check_output_and_adapter(args)
     model = load_model(args.model, args.adapter)
     paca.load_adapter(model, args.adapter, device="cpu")
+    layers = len(paca.paca_layers(model))
+    if args.format == "peft":
+        with atomic_dir(args.output, replace=args.force) as staging:
+            paca.save_adapter(model, staging, format="peft")
+        print(f"wrote PEFT PaCA adapter {args.output} ({layers} layers)")
+        return 0
     out = paca.export_lora(model, args.output, force=args.force)
-    print(f"wrote LoRA adapter {out} ({len(paca.paca_layers(model))} layers)")
+    print(f"wrote LoRA adapter {out} ({layers} layers)")
     return 0
 
 
@@ -248,12 +260,17 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub)
     _bench_parser(sub)
     _merge_parser(sub)
-    _export_lora_parser(sub)
+    _export_parsers(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "bench":
             return _run_bench(args, sub.choices["bench"])
-        runner = {"train": _run_train, "merge": _run_merge, "export-lora": _run_export_lora}
+        runner = {
+            "train": _run_train,
+            "merge": _run_merge,
+            "export": _run_export,
+            "export-lora": _run_export,
+        }
         return runner[args.command](args)
     except (PacaError, OSError) as exc:
         # The user's input (or a file they named) was wrong: one line and exit code 2. Any

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from paca.errors import PacaError
 from paca import selection
+from paca.errors import PacaError
 
 MODES = ("auto", "merged", "additive")
 

@@ -82,7 +82,8 @@ def build(model: nn.Module, adapter_name: str) -> tuple[dict[str, torch.Tensor],
         "base_model_name_or_path": base_model_name(model),
         "inference_mode": True,
         "r": ranks[0],
-        "paca_alpha": config.alpha,
+        # PEFT types it int; paca keeps a float: write 16, not 16.0, where it is whole
+        "paca_alpha": int(config.alpha) if float(config.alpha).is_integer() else config.alpha,
         # the exact layers (full names match exactly in PEFT), so no other layer is adapted
         "target_modules": [name for name, _, _ in layers],
         "exclude_modules": None,
