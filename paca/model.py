@@ -97,6 +97,17 @@ def _offloaded(model: nn.Module) -> bool:
     return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
 
 
+def _check_trainable(model: nn.Module, trainable: list[str]) -> None:
+    """A module trained in full needs real weights: an offloaded one (on meta) cannot train."""
+    for name in trainable:
+        if _offloaded(model.get_submodule(name)):
+            raise PacaError(
+                f"trainable module {name} is offloaded by accelerate (its weights are on the "
+                f"meta device), so it cannot be trained in full; keep it on a device "
+                f"(device_map={{{name!r}: 'cpu'}} or a GPU) or pass trainable_modules=[]"
+            )
+
+
 @dataclass
 class _Plan:
     name: str
@@ -280,6 +291,7 @@ def enable_config(
             "for another adapter, or paca.load_adapter to replace this one"
         )
     trainable = resolve_trainable(model, config.trainable_modules)
+    _check_trainable(model, trainable)
     config = dataclasses.replace(config, trainable_modules=trainable)
     plans, report = _plan(model, config, trainable, targets, indices, calibration)
     devices = _model_devices(model)
@@ -436,6 +448,7 @@ def add_adapter_config(
     if adapter_name in state.configs:
         raise PacaError(f"{type(model).__name__} already has an adapter named {adapter_name!r}")
     trainable = resolve_trainable(model, config.trainable_modules)
+    _check_trainable(model, trainable)
     config = dataclasses.replace(config, trainable_modules=trainable)
     plans, _ = _plan(model, config, trainable, targets, indices, calibration)
     added: list[tuple[str, nn.Module]] = []  # (name, module to put back, or None)
