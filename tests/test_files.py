@@ -77,3 +77,23 @@ def test_cpu_tensors_are_contiguous_independent_copies():
     assert sorted(copies) == ["m.a", "m.b", "m.view"]
     assert all(t.is_contiguous() for t in copies.values())
     assert copies["m.a"].data_ptr() != copies["m.b"].data_ptr() != weight.data_ptr()
+
+
+def test_every_writer_refuses_a_non_finite_adapter_and_writes_nothing(tmp_path):
+    model = _trained()
+    with torch.no_grad():
+        paca.paca_layers(model)[1][1].delta[0, 0] = float("inf")
+    writers = {
+        "paca": lambda out: paca.save_adapter(model, out),
+        "peft": lambda out: paca.save_adapter(model, out, format="peft"),
+        "lora": lambda out: paca.export_lora(model, out),
+    }
+    for name, write in writers.items():
+        with pytest.raises(paca.PacaError, match="holds NaN or inf; refusing"):
+            write(tmp_path / name)
+        assert not (tmp_path / name).exists(), name
+    with pytest.raises(paca.PacaError, match="holds NaN or inf; refusing to merge"):
+        paca.merge(model)
+    # a training checkpoint keeps what the Trainer has (as the plain Trainer would)
+    paca.save_adapter(model, tmp_path / "checkpoint", allow_non_finite=True)
+    assert (tmp_path / "checkpoint" / "adapter.safetensors").is_file()

@@ -36,7 +36,7 @@ def _offloaded(how, tmp_path, base):
 def _stored_weights(model):
     """What accelerate loads into each offloaded layer: its weights map, read directly."""
     out = {}
-    for name, module in model.named_modules():
+    for module in model.modules():
         hook = getattr(module, "_hf_hook", None)
         weights = getattr(hook, "weights_map", None)
         if weights is not None:

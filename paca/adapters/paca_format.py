@@ -58,6 +58,8 @@ def save_adapter(
     path: str | os.PathLike,
     adapter_name: str | None = None,
     format: str = "paca",
+    *,
+    allow_non_finite: bool = False,
 ) -> Path:
     """Writes one adapter of ``model`` (default: the active one) into directory ``path``.
 
@@ -70,6 +72,9 @@ def save_adapter(
         adapter_name (str | None): which adapter (default: the active one).
         format (str): ``"paca"`` (default; reads back with every paca feature) or ``"peft"``
             (PEFT's own PaCA format, ``peft>=0.22``: ``PeftModel.from_pretrained(base, path)``).
+        allow_non_finite (bool): write an adapter holding NaN or inf instead of refusing it.
+            ``paca.Trainer``'s checkpoints do, so a run whose loss went NaN behaves as under
+            the plain Trainer; anything meant to be used (a final adapter, an export) refuses.
 
     Returns:
         Path: the directory.
@@ -82,7 +87,8 @@ def save_adapter(
     if format not in FORMATS:
         raise PacaError(f"format={format!r} is unknown; choose one of {', '.join(FORMATS)}")
     adapter_name = resolve_adapter(model, adapter_name, "save")
-    check_finite(model, adapter_name, "save")
+    if not allow_non_finite:
+        check_finite(model, adapter_name, "save")
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
         raise PacaError(

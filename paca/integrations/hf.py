@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 
 import torch
 import transformers
+import transformers.trainer_utils as trainer_utils
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -31,6 +33,9 @@ OTHER_TRAINABLE = "other_trainable.safetensors"
 
 # transformers' marker for "trainable adapters are attached" (set by its own PEFT integration)
 _ADAPTERS_MARK = "_hf_peft_config_loaded"
+# where a checkpoint is written before it is moved into place (no checkpoint-N name, so the
+# Trainer's get_last_checkpoint never takes a half-written one)
+STAGING = ".paca-staging"
 
 
 @contextlib.contextmanager
@@ -102,7 +107,8 @@ class AdapterCheckpoints:
             return None
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        save_adapter(model, output_dir)
+        # a checkpoint keeps what the Trainer has, NaN included (the plain Trainer's behaviour)
+        save_adapter(model, output_dir, allow_non_finite=True)
         other = _other_trainable(model)
         if other:
             with atomic_file(os.path.join(output_dir, OTHER_TRAINABLE)) as tmp:
@@ -112,6 +118,49 @@ class AdapterCheckpoints:
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         self._save_extras(output_dir)
         return None
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written into a staging folder and moved into place as
+        ``checkpoint-N`` in one rename: a kill or a full disk mid-write never leaves a
+        ``checkpoint-N`` that ``resume_from_checkpoint`` would take for a complete one, and the
+        previous checkpoints are rotated out only once the new one is in place."""
+        run_dir = self._get_output_dir(trial=trial)
+        staging = os.path.join(run_dir, STAGING)
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        self._get_output_dir = lambda trial=None: staging  # what the Trainer writes into
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir  # the class's method again
+        name = f"{trainer_utils.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final = os.path.join(run_dir, name)
+        for root, _, files in os.walk(os.path.join(staging, name)):
+            for file in files:
+                with open(os.path.join(root, file), "rb") as f:
+                    os.fsync(f.fileno())
+        if os.path.isdir(final):  # the same step saved again (a resumed run)
+            shutil.rmtree(final)
+        os.replace(os.path.join(staging, name), final)
+        shutil.rmtree(staging, ignore_errors=True)
+        best = self.state.best_model_checkpoint
+        if best and os.path.dirname(best) == staging:
+            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+        self._rotate_into(run_dir)
+
+    def _rotate_into(self, run_dir: str) -> None:
+        if not self.args.should_save:
+            return
+        rotate = getattr(trainer_utils, "rotate_checkpoints", None)
+        if rotate is not None:  # transformers 5
+            rotate(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        else:  # transformers 4.x: a method of the Trainer
+            self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         target = self._adapter_model(model)

@@ -14,6 +14,7 @@ import gzip
 import importlib.util
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -25,7 +26,7 @@ from safetensors.torch import save_file
 
 import paca
 from paca import backends
-from paca.adapters.common import cpu_tensors
+from paca.adapters.common import atomic_file, cpu_tensors
 from paca.base_layer import is_quantized
 from paca.errors import MissingDependency, PacaError, require
 from paca.integrations.hf import Trainer as AdapterTrainer
@@ -345,6 +346,28 @@ def _partial_dir(output: Path) -> Path:
     return output.parent / f".{output.name}.partial"
 
 
+# written into the partial folder once everything else is in it: a run killed after that only
+# has to be moved into place
+COMPLETE = ".complete"
+
+
+def _finish(partial: Path, output: Path) -> None:
+    """Moves a complete run into place: the checkpoints out first (a kill then leaves a partial
+    folder marked complete, which --resume finishes), then one rename."""
+    trash = partial.parent / f".{output.name}.trash"
+    shutil.rmtree(trash, ignore_errors=True)
+    if (partial / "checkpoints").exists():
+        os.replace(partial / "checkpoints", trash)
+    os.replace(partial, output)
+    (output / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def run(cfg: TrainConfig) -> dict:
     """Trains and evaluates; writes everything into ``cfg.output`` at the end. Returns metrics."""
     import transformers
@@ -411,6 +434,10 @@ def run(cfg: TrainConfig) -> dict:
     quantized = sum(is_quantized(m) for n, m in model.named_modules() if n.endswith(".base_layer"))
 
     partial = _partial_dir(output)
+    if cfg.resume and (partial / COMPLETE).is_file():
+        # killed while the finished run was being moved into place
+        _finish(partial, output)
+        return json.loads((output / "metrics.json").read_text())
     if partial.exists() and not cfg.resume:
         shutil.rmtree(partial)
     if cfg.resume and not any((partial / "checkpoints").glob("checkpoint-*")):
@@ -423,16 +450,19 @@ def run(cfg: TrainConfig) -> dict:
         metrics["quantized_base_layers"] = quantized  # adapted layers (PaCA or LoRA) over one
         state = paca.get_state(model)  # the calibrated selection's cost
         metrics["calibration"] = state.calibration if state is not None else None
+        if (partial / "adapter").exists():  # a final save that a kill interrupted
+            shutil.rmtree(partial / "adapter")
         _save(model, cfg, partial / "adapter", tokenizer)
-        (partial / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        _write_json(partial / "metrics.json", metrics)
         settings = dataclasses.asdict(cfg) | {
             "model": str(model_path),
             "data": str(data_path),
             "lr": cfg.learning_rate,
         }
-        (partial / "train_config.json").write_text(json.dumps(settings, indent=2) + "\n")
-        shutil.rmtree(partial / "checkpoints", ignore_errors=True)
-        partial.rename(output)
+        _write_json(partial / "train_config.json", settings)
+        with atomic_file(partial / COMPLETE) as tmp:
+            tmp.write_text("")
+        _finish(partial, output)
         completed = True
     finally:
         if not completed and not any((partial / "checkpoints").glob("checkpoint-*")):
@@ -526,9 +556,19 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
         return result
 
     before = scores()
-    checkpoint = True if cfg.resume else None
+    checkpoint = None
+    if cfg.resume:
+        checkpoint = transformers.trainer_utils.get_last_checkpoint(args.output_dir)
+    state_file = Path(checkpoint or "") / "trainer_state.json"
     started = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    if checkpoint and steps > 0 and json.loads(state_file.read_text())["global_step"] >= steps:
+        # The run was killed after its last step was checkpointed. The Trainer, resumed from
+        # there, would train one step more (it checks max_steps only after a step); load it.
+        trainer._load_from_checkpoint(checkpoint)
+        trainer.state = transformers.TrainerState.load_from_json(str(state_file))
+        train_metrics = {}
+    else:
+        train_metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
     seconds = time.perf_counter() - started
     after = scores()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -540,7 +580,7 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
             "steps": trainer.state.global_step,
             "seconds": seconds,
             "seconds_per_step": seconds / max(trainer.state.global_step, 1),
-            "examples_per_s": train_output.metrics.get("train_samples_per_second"),
+            "examples_per_s": train_metrics.get("train_samples_per_second"),
             "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None,
         },
