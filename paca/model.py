@@ -664,8 +664,10 @@ def sync_weights(model: nn.Module) -> nn.Module:
     deltas any other way: an optimizer that does not go through ``torch.optim.Optimizer.step``
     (DeepSpeed's fused optimizers, a hand-written update of ``p.data``), or
     ``load_state_dict`` on the deltas. Additive-mode layers need nothing (they read ``delta``
-    in every forward). Returns the model.
+    in every forward). Returns the model; on a model without PaCA it warns and does nothing.
     """
+    if not _require_adapters(model, "sync"):
+        return model
     for _, layer in paca_layers(model):
         layer.sync_weight(force=True)
     return model

