@@ -4,5 +4,6 @@
 set -euo pipefail
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "torch==2.13.0"
-python -m pip install --quiet -e ".[dev]"
+# deepspeed too: tests/test_deepspeed.py (it is not in dev, so the README's line stays lean)
+python -m pip install --quiet -e ".[dev,deepspeed]"
 python -c "import torch, transformers, paca; print('torch', torch.__version__, '| transformers', transformers.__version__, '| paca', paca.__version__)"
