@@ -26,3 +26,21 @@ def test_ci_runs_the_readme_install_line_and_test_command_exactly():
     leg = (README.parent / "ci" / "readme.sh").read_text().splitlines()
     assert install in leg and test in leg, (install, test)
     assert "bash ci/readme.sh" in (README.parent / ".ci" / "run").read_text()
+
+
+def test_sft_trainer_example_runs_as_written(tmp_path, tiny_llama_folder):
+    import pytest
+
+    pytest.importorskip("trl", reason="TRL (pip install 'paca[trl]')")
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    block = next(b for b in blocks if "SFTTrainer" in b)
+    line = next(x for x in block.splitlines() if x.startswith("MODEL = "))
+    code = block.replace(line, f"MODEL = {str(tiny_llama_folder)!r}")  # no downloads here
+    assert len(block.strip().splitlines()) <= 12, "the example stays short"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapter = tmp_path / "sft-adapter"
+    assert (adapter / "adapter.safetensors").is_file()
+    assert not list(adapter.glob("model*.safetensors"))

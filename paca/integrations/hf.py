@@ -83,13 +83,35 @@ def _is_sharded(model: nn.Module) -> bool:
     return any(hasattr(p, "device_mesh") for p in model.parameters() if p.requires_grad)
 
 
+def _deltas(model: nn.Module) -> dict[int, nn.Parameter]:
+    return {
+        id(adapter.delta): adapter.delta
+        for name in ([active_adapter(model)] if is_enabled(model) else [])
+        if name is not None
+        for _, _, adapter in adapter_layers(model, name)
+    }
+
+
 class AdapterCheckpoints:
-    """Mixin for ``transformers.Trainer`` and its subclasses (``GaudiTrainer``): checkpoints
-    hold the PaCA adapter instead of the model. See ``Trainer``."""
+    """Mixin for ``transformers.Trainer`` and its subclasses (``GaudiTrainer``, TRL's trainers):
+    checkpoints hold the PaCA adapter instead of the model, and a quantized base is accepted.
+    See ``Trainer``; ``with_adapter_checkpoints`` applies it to any Trainer class.
+
+    Some subclasses change trainable parameters while they are built: TRL casts every
+    trainable parameter of a quantized model to bf16 (QLoRA's recipe for LoRA weights). PaCA's
+    deltas stay in fp32 (their gradients are fp32 whatever the compute dtype), so the mixin puts
+    back the exact values and dtypes the deltas had before the Trainer was built.
+    """
 
     def __init__(self, model=None, *args, **kwargs):
+        before = {}
+        if model is not None:
+            before = {key: (p, p.detach().clone()) for key, p in _deltas(model).items()}
         with quantized_training(model) if model is not None else contextlib.nullcontext():
             super().__init__(model, *args, **kwargs)
+        for param, value in before.values():
+            if param.dtype != value.dtype:  # cast by the Trainer: the fp32 values, unrounded
+                param.data = value
 
     def _save_extras(self, output_dir: str) -> None:
         """Files a subclass saves beside the adapter (the Gaudi config, for instance)."""
@@ -191,6 +213,31 @@ class Trainer(AdapterCheckpoints, transformers.Trainer):
     quantized model with PaCA adapters is accepted (see ``quantized_training``). Models without
     PaCA, and sharded (FSDP) models, whose deltas are DTensors, get the Trainer's own behaviour.
     """
+
+
+def with_adapter_checkpoints(trainer_class: type) -> type:
+    """``trainer_class`` (any ``transformers.Trainer`` subclass: TRL's ``DPOTrainer``,
+    ``GRPOTrainer``, ``RewardTrainer``, your own) with paca's adapter-only checkpoints, exact
+    resume, quantized-base acceptance and fp32 deltas (``AdapterCheckpoints``).
+
+    Example:
+        ``PacaDPOTrainer = with_adapter_checkpoints(trl.DPOTrainer)``
+
+    Raises:
+        PacaError: ``trainer_class`` is not a ``transformers.Trainer`` subclass.
+    """
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, transformers.Trainer)):
+        raise PacaError(
+            f"with_adapter_checkpoints needs a transformers.Trainer subclass, got {trainer_class!r}"
+        )
+    if issubclass(trainer_class, AdapterCheckpoints):
+        return trainer_class
+    return type(
+        f"Paca{trainer_class.__name__}",
+        (AdapterCheckpoints, trainer_class),
+        {"__doc__": f"{trainer_class.__name__} with PaCA adapter-only checkpoints.",
+         "__module__": trainer_class.__module__},
+    )  # fmt: skip
 
 
 def _load_into(model: nn.Module, directory: str) -> None:
