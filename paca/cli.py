@@ -19,6 +19,7 @@ from pathlib import Path
 
 import paca
 from paca.adapters.common import atomic_dir
+from paca.adapters.lora import serving_hints
 from paca.errors import PacaError
 from paca.recipes import bench, train
 from paca.recipes.loading import load_model
@@ -137,6 +138,11 @@ def _run_export(args) -> int:
         return 0
     out = paca.export_lora(model, args.output, force=args.force)
     print(f"wrote LoRA adapter {out} ({layers} layers)")
+    hints = serving_hints(out)
+    print(f"serve it with vLLM: vllm serve BASE {hints['vllm']} --lora-modules paca={out}")
+    if hints["modules_to_save"]:
+        print(f"  (vLLM refuses its modules_to_save {hints['modules_to_save']}: serve the merged"
+              " model, paca merge, for those)")  # fmt: skip
     return 0
 
 

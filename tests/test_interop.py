@@ -152,7 +152,9 @@ def test_cli_export_lora(tmp_path, capsys):
         str(tmp_path / "adapter"),
     ]
     assert main([*argv, "--output", str(tmp_path / "lora")]) == 0
-    assert "wrote LoRA adapter" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote LoRA adapter" in printed
+    assert "--enable-lora --max-lora-rank 8 --lora-target-modules down_proj" in printed
     lora = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora").eval()
     torch.testing.assert_close(lora(ids).logits, expected, rtol=1e-5, atol=1e-5)
     assert main([*argv, "--output", str(tmp_path / "lora")]) == 2
@@ -177,3 +179,37 @@ def test_cli_export_lora_refuses_an_adapter_of_another_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not exist in GPT2LMHeadModel" in err and "Traceback" not in err
     assert not (tmp_path / "lora").exists()
+
+
+def test_causal_lm_export_is_servable_and_says_how(tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    from paca.adapters.lora import TRAINED_MODULES, serving_hints
+
+    model = paca.enable(tiny_llama(), r=4, trainable_modules=["lm_head"])
+    with torch.no_grad():
+        model.lm_head.trained.weight.add_(0.5)
+    with caplog.at_level("WARNING", logger="paca"):
+        out = paca.export_lora(model, tmp_path / "lora")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["modules_to_save"] is None, "vLLM refuses adapters with modules_to_save"
+    assert not any("lm_head" in k for k in load_file(out / "adapter_model.safetensors"))
+    trained = load_file(out / TRAINED_MODULES)
+    assert torch.equal(trained["lm_head.weight"], model.lm_head.trained.weight.detach())
+    assert "['lm_head'] of this causal LM were trained in full" in caplog.text
+    hints = serving_hints(out)
+    assert hints["max_lora_rank"] == 8 and hints["modules_to_save"] == []
+    assert hints["lora_target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    assert "--max-lora-rank 8 --lora-target-modules down_proj gate_proj" in hints["vllm"]
+
+
+@pytest.mark.parametrize("r, rank", [(1, 1), (8, 8), (9, 16), (300, 320)])
+def test_vllm_rank_is_the_smallest_allowed_that_fits(tmp_path, r, rank):
+    from paca.adapters.lora import serving_hints
+
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"r": r, "target_modules": ["model.layers.0.mlp.up_proj"]})
+    )
+    assert serving_hints(tmp_path)["max_lora_rank"] == rank

@@ -11,6 +11,7 @@ Imports: ``paca.model``, ``paca.adapters.common``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -26,8 +27,16 @@ from paca.adapters.common import (
     base_model_name,
     cpu_tensors,
 )
+from paca.adapters.peft_paca import task_type
 from paca.errors import PacaError
 from paca.model import adapter_copies, adapter_layers, check_finite, resolve_adapter
+
+logger = logging.getLogger("paca")
+
+# vLLM's --max-lora-rank takes one of these, at least the adapter's rank
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# a causal LM's modules trained in full go here, not into modules_to_save (vLLM refuses those)
+TRAINED_MODULES = "trained_modules.safetensors"
 
 
 def export_lora(
@@ -41,6 +50,12 @@ def export_lora(
     ``peft.PeftModel.from_pretrained(base_model, path)`` then computes what the PaCA model
     computes (up to float rounding of the two GEMMs), and anything that serves PEFT LoRA
     adapters (vLLM, TGI, LoRAX, PEFT itself) can serve it.
+
+    Modules trained in full (``trainable_modules``) go into PEFT's ``modules_to_save`` for
+    task models (classifiers: PEFT loads them). For a causal LM they are written beside the
+    adapter into ``trained_modules.safetensors`` instead, with a warning naming them: LoRA
+    servers refuse ``modules_to_save`` (vLLM), and a causal LM's adapter is exported to be
+    served. ``serving_hints(path)`` gives the server settings the adapter needs.
 
     Args:
         model (nn.Module): an adapted model.
@@ -76,8 +91,12 @@ def export_lora(
             "this adapter spans nn.Linear and Conv1D layers; PEFT's fan_in_fan_out is one setting "
             "per adapter, so export it in two parts (two PaCA adapters with separate targets)"
         )
-    saved_modules = []
+    saved_modules, trained = [], {}
+    separate = task_type(model) == "CAUSAL_LM"
     for name, module in adapter_copies(model, adapter_name):
+        if separate:
+            trained |= cpu_tensors(module.state_dict(), prefix=f"{name}.")
+            continue
         saved_modules.append(name)
         tensors |= cpu_tensors(module.state_dict(), prefix=f"{PEFT_PREFIX}{name}.")
     peft_config = {
@@ -102,4 +121,39 @@ def export_lora(
     with atomic_dir(target, replace=force) as staging:
         save_file(tensors, str(staging / PEFT_WEIGHTS), metadata={"format": "pt"})
         (staging / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+        if trained:
+            save_file(trained, str(staging / TRAINED_MODULES), metadata={"format": "pt"})
+    if trained:
+        modules = sorted({k.rsplit(".", 1)[0] for k in trained})
+        logger.warning(
+            "paca: %s of this causal LM were trained in full; LoRA servers refuse "
+            "modules_to_save, so they are in %s beside the LoRA adapter, not in it. Serve the "
+            "merged model (paca merge) to include them",
+            modules,
+            target / TRAINED_MODULES,
+        )
     return target
+
+
+def serving_hints(path: str | os.PathLike) -> dict:
+    """What a LoRA server needs to serve the adapter at ``path`` (an exported LoRA folder).
+
+    Returns:
+        dict: ``max_lora_rank`` (the smallest of vLLM's allowed ranks that fits), the
+        ``lora_target_modules`` (module names, as vLLM's ``--lora-target-modules`` and SGLang
+        take them), ``modules_to_save`` (must be empty for vLLM) and the ``vllm`` flags.
+    """
+    config = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
+    rank = int(config["r"])
+    fits = [r for r in VLLM_RANKS if r >= rank]
+    names = sorted({t.rsplit(".", 1)[-1] for t in config["target_modules"]})
+    hints = {
+        "max_lora_rank": fits[0] if fits else None,
+        "lora_target_modules": names,
+        "modules_to_save": config.get("modules_to_save") or [],
+    }
+    hints["vllm"] = (
+        f"--enable-lora --max-lora-rank {hints['max_lora_rank']} "
+        f"--lora-target-modules {' '.join(names)}"
+    )
+    return hints
