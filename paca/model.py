@@ -611,8 +611,8 @@ def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         if layer.mode == "additive" and isinstance(weight, torch.Tensor) and weight.is_meta:
             raise PacaError(
                 f"cannot merge into {name}: its weight is offloaded by accelerate (on the meta "
-                "device); save the adapter with paca.save_adapter and merge it onto the base "
-                "model loaded without offload (paca merge --model ... --adapter ...)"
+                "device); save the adapter with paca.save_adapter, load it onto the base model "
+                "loaded without offload (paca.load_adapter) and merge that"
             )
     state = _state(model, "merge")
     others = [n for n in state.configs if n != state.active]

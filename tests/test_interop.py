@@ -213,3 +213,10 @@ def test_vllm_rank_is_the_smallest_allowed_that_fits(tmp_path, r, rank):
         json.dumps({"r": r, "target_modules": ["model.layers.0.mlp.up_proj"]})
     )
     assert serving_hints(tmp_path)["max_lora_rank"] == rank
+
+
+def test_serving_hints_of_a_folder_that_is_no_lora_export(tmp_path):
+    from paca.adapters.lora import serving_hints
+
+    with pytest.raises(ValueError, match="is not the config of a LoRA adapter"):
+        serving_hints(tmp_path)

@@ -150,6 +150,8 @@ def test_import_touches_no_device_and_no_habana(tmp_path):
         import sys, torch
         import paca
         assert "habana_frameworks" not in sys.modules, "paca imported habana_frameworks"
+        for heavy in ("trl", "peft", "deepspeed", "bitsandbytes", "paca.recipes"):
+            assert heavy not in sys.modules, f"import paca imported {heavy}"
         assert not torch.cuda.is_initialized(), "paca initialised CUDA"
         assert paca.backends.loaded() == ["cpu"], paca.backends.loaded()
         print("ok")

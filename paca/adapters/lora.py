@@ -143,10 +143,17 @@ def serving_hints(path: str | os.PathLike) -> dict:
         ``lora_target_modules`` (module names, as vLLM's ``--lora-target-modules`` and SGLang
         take them), ``modules_to_save`` (must be empty for vLLM) and the ``vllm`` flags.
     """
-    config = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
-    rank = int(config["r"])
+    file = Path(path) / ADAPTER_CONFIG
+    try:
+        config = json.loads(file.read_text())
+        rank, targets = int(config["r"]), list(config["target_modules"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PacaError(
+            f"{file} is not the config of a LoRA adapter ({type(exc).__name__}: {exc}); pass "
+            "the folder paca.export_lora wrote"
+        ) from None
     fits = [r for r in VLLM_RANKS if r >= rank]
-    names = sorted({t.rsplit(".", 1)[-1] for t in config["target_modules"]})
+    names = sorted({t.rsplit(".", 1)[-1] for t in targets})
     hints = {
         "max_lora_rank": fits[0] if fits else None,
         "lora_target_modules": names,
