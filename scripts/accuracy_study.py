@@ -54,7 +54,7 @@ def saved_bytes(method: str, r: int, alpha: float) -> int:
         split_rows,
     )
 
-    cfg = TrainConfig(method=method, r=r, alpha=alpha)
+    cfg = TrainConfig(task="classification", method=method, r=r, alpha=alpha)
     path = str(default_model_path())
     rows = split_rows(read_rows(DEFAULT_DATA), 0)
     labels = sorted({r["label"] for r in rows["train"]})
@@ -100,6 +100,7 @@ def main() -> None:
             shutil.rmtree(folder, ignore_errors=True)
             started = time.time()
             cfg = TrainConfig(
+                task="classification",
                 method=method,
                 r=r,
                 alpha=alpha,

@@ -84,7 +84,9 @@ def main() -> None:
     paca.load_adapter(model, adapter)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
     rows = split_rows(read_rows(DEFAULT_DATA), 0)
-    test = classification_data({"test": rows["test"]}, tokenizer, TrainConfig(), labels)["test"]
+    test = classification_data(
+        {"test": rows["test"]}, tokenizer, TrainConfig(task="classification"), labels
+    )["test"]
     collator = transformers.DataCollatorWithPadding(tokenizer)
 
     layers, totals = [], {"update": 0.0, "kept": 0.0, "error": 0.0, "entries": 0, "same": 0}

