@@ -77,12 +77,20 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
             f"exceeds the model's context of {context}: shorten the prompt or lower "
             "max_new_tokens"
         )
+    (answer,) = greedy(model, tokenizer, ids, torch.ones_like(ids), max_new_tokens)
+    return answer.strip()
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, ids, attention_mask, max_new_tokens: int) -> list[str]:
+    """Greedy continuations of a (left-padded) batch ``ids (batch, tokens)``, decoded without
+    special tokens."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(
         ids,
-        attention_mask=torch.ones_like(ids),
+        attention_mask=attention_mask,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=pad,
     )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    return tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)

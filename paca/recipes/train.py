@@ -35,7 +35,7 @@ from paca.integrations.hf import Trainer as AdapterTrainer
 from paca.integrations.hf import quantized_training
 from paca.quant import BITS, bnb_config
 from paca.recipes import smollm2
-from paca.recipes.generate import prompt_ids
+from paca.recipes.generate import greedy, prompt_ids
 from paca.recipes.loading import dtype_argument, load_model_class
 from paca.selection import STRATEGIES, get_strategy
 from paca.targets import HEAD_NAMES, find_targets, resolve_trainable
@@ -360,14 +360,7 @@ def exact_match(model, tokenizer, examples: list[dict], batch_size: int = 25, ne
             width = max(len(c) for c in chunk)
             ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=device)
             mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk])
-            out = model.generate(
-                ids,
-                attention_mask=mask.to(device),
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-            )
-            answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            answers += greedy(model, tokenizer, ids, mask.to(device), new_tokens)
     finally:
         model.train(was_training)
     answers = [a.strip() for a in answers]
