@@ -202,6 +202,9 @@ def _train_parser(sub) -> None:
     p.add_argument(
         "--epochs", type=float, default=defaults.epochs, help="used when --max-steps is 0"
     )
+    p.add_argument(
+        "--eval-split", default="test", choices=["test", "validation"], help="chat: scored split"
+    )
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument(

@@ -323,3 +323,28 @@ def test_embedded_dataset_is_fixed_and_disjoint():
     }
     assert not (texts["train"] & texts["test"]) and not (texts["train"] & texts["validation"])
     assert (DEFAULT_DATA.parent / "LICENSE-PSF.txt").is_file()
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"eval_split": "train"}, "eval_split='train': choose test or validation"),
+        ({"eval_examples": -1}, "eval_examples=-1 must be >= 0"),
+        ({"task": "chat", "method": "head"}, "method='head' trains a classification head"),
+    ],
+)
+def test_chat_settings_are_checked(settings, message):
+    from paca.recipes.train import TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings)
+
+
+def test_each_task_has_its_own_defaults():
+    from paca.recipes.train import TASK_DEFAULTS, TrainConfig
+
+    for task, defaults in TASK_DEFAULTS.items():
+        cfg = TrainConfig(task=task)
+        assert {k: getattr(cfg, k) for k in defaults} == defaults
+    assert TrainConfig(task="classification", max_steps=7).max_steps == 7
+    assert TrainConfig().task == "chat" and TrainConfig().learning_rate == 5e-3

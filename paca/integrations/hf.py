@@ -84,12 +84,11 @@ def _is_sharded(model: nn.Module) -> bool:
 
 
 def _deltas(model: nn.Module) -> dict[int, nn.Parameter]:
-    return {
-        id(adapter.delta): adapter.delta
-        for name in ([active_adapter(model)] if is_enabled(model) else [])
-        if name is not None
-        for _, _, adapter in adapter_layers(model, name)
-    }
+    """The active adapter's deltas (what a Trainer trains), by id."""
+    name = active_adapter(model)
+    if name is None:
+        return {}
+    return {id(adapter.delta): adapter.delta for _, _, adapter in adapter_layers(model, name)}
 
 
 class AdapterCheckpoints:

@@ -113,7 +113,10 @@ class TrainConfig:
             ``paca`` they hold the adapter and optimizer state, not the model); 0: a third of
             the run, at least 50.
         eval_examples (int): chat: held-out examples scored before and after (a fixed sample
-            of the test split; generation is the slow part of a run).
+            of ``eval_split``; generation is the slow part of a run); 0: all of them.
+        eval_split (str): chat: the split scored, ``test`` (default) or ``validation`` (what a
+            learning-rate sweep should look at).
+        eval_before (bool): also score the model before training (the zero-shot base).
     """
 
     model: str | None = None
@@ -139,6 +142,8 @@ class TrainConfig:
     save_steps: int = 0
     selection: str = "random"
     eval_examples: int = 128
+    eval_split: str = "test"
+    eval_before: bool = True
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -146,8 +151,10 @@ class TrainConfig:
         for name, value in TASK_DEFAULTS[self.task].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        if self.eval_examples < 1:
-            raise TrainError(f"eval_examples={self.eval_examples} must be >= 1")
+        if self.eval_examples < 0:
+            raise TrainError(f"eval_examples={self.eval_examples} must be >= 0 (0: all)")
+        if self.eval_split not in ("test", "validation"):
+            raise TrainError(f"eval_split={self.eval_split!r}: choose test or validation")
         if self.method not in METHODS:
             raise TrainError(
                 f"method={self.method!r} is unknown; choose one of {', '.join(METHODS)}"
@@ -649,12 +656,12 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
     evaluate = {s: d for s, d in datasets.items() if s != "train" and len(d)}
     if cfg.task == "chat":
         # a fixed sample of the held-out split: generation is the slow part of the run
-        held_out = "test" if "test" in evaluate else next(iter(evaluate), None)
+        held_out = cfg.eval_split if cfg.eval_split in evaluate else next(iter(evaluate), None)
         evaluate = {}
         if held_out is not None:
             items = list(datasets[held_out].items)
-            random.Random(cfg.seed).shuffle(items)
-            evaluate[held_out] = _Examples(items[: cfg.eval_examples])
+            random.Random(0).shuffle(items)  # the same sample whatever the run's seed
+            evaluate[held_out] = _Examples(items[: cfg.eval_examples or len(items)])
     generations: dict[str, list[str]] = {}
 
     def scores(when: str) -> dict:
@@ -672,7 +679,7 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
                 result[split]["perplexity"] = math.exp(min(m[f"{split}_loss"], 50))
         return result
 
-    before = scores("before")
+    before = scores("before") if cfg.eval_before else {}
     checkpoint = None
     if cfg.resume:
         checkpoint = transformers.trainer_utils.get_last_checkpoint(args.output_dir)
