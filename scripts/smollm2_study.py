@@ -68,21 +68,14 @@ def main() -> None:
             raise Budget
         folder = Path(tempfile.mkdtemp()) / "run"
         started = time.time()
-        cfg = TrainConfig(
-            task="chat",
-            method=method,
-            r=r,
-            alpha=alpha,
-            lr=lr,
-            seed=seed,
-            max_steps=args.steps,
-            output=str(folder),
-            eval_split=split,
-            eval_examples=0,
-            # the zero-shot base is the same for every run: scored once per split
-            eval_before=not any(k.endswith(f"-{split}") for k in runs),
+        # every example of the split; the zero-shot base is the same for every run, so it is
+        # scored once per split
+        scoring = {"eval_split": split, "eval_examples": 0}
+        scoring["eval_before"] = not any(k.endswith(f"-{split}") for k in runs)
+        setting = {"method": method, "r": r, "alpha": alpha, "lr": lr, "seed": seed}
+        metrics = run(
+            TrainConfig(task="chat", max_steps=args.steps, output=str(folder), **setting, **scoring)
         )
-        metrics = run(cfg)
         shutil.rmtree(folder.parent, ignore_errors=True)
         metrics["wall_seconds"] = round(time.time() - started, 1)
         runs[key] = metrics
