@@ -98,19 +98,34 @@ def atomic_dir(target: str | os.PathLike, replace: bool = False) -> Iterator[Pat
         raise _write_error(target, exc) from exc
     try:
         yield staging
-        for file in staging.rglob("*"):
+        move_into_place(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def move_into_place(staged: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Flushes the finished folder ``staged`` to disk and renames it to ``target``, replacing
+    what is there (moved aside first, removed once the new folder is in place; put back if the
+    rename fails).
+
+    Raises:
+        WriteError: an OS error; ``target`` is as it was.
+    """
+    staged, target = Path(staged), Path(target)
+    old = target.parent / f".{target.name}.old"
+    try:
+        for file in staged.rglob("*"):
             if file.is_file():
                 _fsync(file)
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)  # a folder cannot be replaced by rename while it has files
-        os.replace(staging, target)
+        os.replace(staged, target)
     except OSError as exc:
         if old.exists() and not target.exists():
             os.replace(old, target)
         raise _write_error(target, exc) from exc
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
 
 

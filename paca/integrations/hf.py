@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from paca.adapters import ADAPTER_WEIGHTS, load_adapter, save_adapter
-from paca.adapters.common import atomic_file, cpu_tensors
+from paca.adapters.common import atomic_file, cpu_tensors, move_into_place
 from paca.errors import PacaError
 from paca.model import active_adapter, adapter_copies, adapter_layers, is_enabled
 
@@ -69,26 +69,25 @@ def quantized_training(model: nn.Module) -> Iterator[nn.Module]:
             delattr(model, _ADAPTERS_MARK)
 
 
-def _other_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Trainable parameters the adapter file does not hold (e.g. a norm the user unfroze)."""
-    active = active_adapter(model)
-    held = set()
-    if active is not None:
-        held |= {id(a.delta) for _, _, a in adapter_layers(model, active)}
-        held |= {id(p) for _, m in adapter_copies(model, active) for p in m.parameters()}
-    return {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in held}
-
-
-def _is_sharded(model: nn.Module) -> bool:
-    return any(hasattr(p, "device_mesh") for p in model.parameters() if p.requires_grad)
-
-
 def _deltas(model: nn.Module) -> dict[int, nn.Parameter]:
     """The active adapter's deltas (what a Trainer trains), by id."""
     name = active_adapter(model)
     if name is None:
         return {}
     return {id(adapter.delta): adapter.delta for _, _, adapter in adapter_layers(model, name)}
+
+
+def _other_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters the adapter file does not hold (e.g. a norm the user unfroze)."""
+    active = active_adapter(model)
+    held = set(_deltas(model))
+    if active is not None:
+        held |= {id(p) for _, m in adapter_copies(model, active) for p in m.parameters()}
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in held}
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    return any(hasattr(p, "device_mesh") for p in model.parameters() if p.requires_grad)
 
 
 class AdapterCheckpoints:
@@ -155,14 +154,8 @@ class AdapterCheckpoints:
         finally:
             del self._get_output_dir  # the class's method again
         name = f"{trainer_utils.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        final = os.path.join(run_dir, name)
-        for root, _, files in os.walk(os.path.join(staging, name)):
-            for file in files:
-                with open(os.path.join(root, file), "rb") as f:
-                    os.fsync(f.fileno())
-        if os.path.isdir(final):  # the same step saved again (a resumed run)
-            shutil.rmtree(final)
-        os.replace(os.path.join(staging, name), final)
+        # replaces checkpoint-N if the same step is saved again (a resumed run)
+        move_into_place(os.path.join(staging, name), os.path.join(run_dir, name))
         shutil.rmtree(staging, ignore_errors=True)
         best = self.state.best_model_checkpoint
         if best and os.path.dirname(best) == staging:
