@@ -19,6 +19,7 @@ The package, bottom to top (each layer imports only those below it):
     config       PacaConfig
     targets      default targets per architecture, matching
     state        PacaState, the one object paca keeps on a model
+    dropbp       DropBP: skip the backward of random residual branches (any trained model)
     model        the lifecycle: enable, adapters, merge, unload, disabled, sync_weights
     summary      parameter counts
     adapters/    file formats: paca's own, PEFT PaCA, PEFT LoRA export, foreign readers
@@ -32,6 +33,7 @@ This file is the public API only.
 from paca import backends as _backends
 from paca.adapters import export_lora, load_adapter, save_adapter
 from paca.config import PacaConfig
+from paca.dropbp import drop_backward, remove_drop_backward
 from paca.errors import MissingDependency, PacaError
 from paca.layer import PacaLinear
 from paca.model import (
@@ -78,6 +80,7 @@ __all__ = [
     "add_adapter",
     "delete_adapter",
     "disabled",
+    "drop_backward",
     "enable",
     "export_lora",
     "get_config",
@@ -86,6 +89,7 @@ __all__ = [
     "merge",
     "paca_layers",
     "print_trainable_parameters",
+    "remove_drop_backward",
     "save_adapter",
     "set_adapter",
     "sync_weights",

@@ -6,7 +6,7 @@ Which layers are adapted is ``paca.targets``' to say, how columns are chosen
 ``paca.state.PacaState``. Every mutating call checks everything before it changes anything.
 
 Imports: ``paca.layer``, ``paca.targets``, ``paca.selection``, ``paca.state``, ``paca.quant``,
-``paca.backends``.
+``paca.backends``, ``paca.dropbp`` (removed with the adapters).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from paca import backends, quant
+from paca import backends, dropbp, quant
 from paca import state as paca_state
 from paca._moved import forward
 from paca.base_layer import describe, is_linear, is_quantized, layer_device, linear_shape
@@ -543,6 +543,7 @@ def _finish(model: nn.Module, keep_trained: bool) -> nn.Module:
     for n, p in model.named_parameters():
         p.requires_grad_(flags.get(n, True))
     paca_state.detach(model)
+    dropbp.remove_drop_backward(model)
     return model
 
 

@@ -1,0 +1,403 @@
+"""DropBP on any trained model: skip the backward of randomly chosen residual branches.
+
+In a pre-norm decoder layer ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))`` each branch
+(a norm and what follows it) is, with probability ``p`` per optimizer step, run under
+``torch.no_grad()``: its output is the same tensor, the residual stream still carries the
+gradient down, but nothing of the branch is stored for backward or computed in it (DropBP,
+Woo et al., NeurIPS 2024). Rates can differ per branch: ``allocate_rates`` gives sensitive
+branches lower rates, keeping the FLOP-weighted mean at the target.
+
+Choices (each on purpose):
+
+* One drop pattern per optimizer step, drawn by the optimizer step hook: every micro-batch of a
+  gradient-accumulation step, and the recomputation of gradient checkpointing, see the same
+  pattern, so a dropped branch gets no gradient at all in that step.
+* A dropped branch's parameters are skipped by the optimizer in that step (``grad`` is
+  ``None``), as a frozen parameter would be: AdamW does not move them by momentum or weight
+  decay without fresh gradient information, and their per-parameter step count (Adam's bias
+  correction) counts only the steps they took part in.
+* Under ``torch.distributed`` a dropped branch still hands its parameters an exact zero
+  gradient through a no-op autograd link, so DDP's reducer (``find_unused_parameters`` off or
+  on) finishes every step; the step hook then sets those gradients back to ``None``. Every rank
+  draws the same pattern (same seed, same step count), so the skipped parameters agree.
+* ``patterns=K`` draws K patterns once and picks one of them each step: under ``torch.compile``
+  and on Gaudi (static graphs) each pattern is another graph, and K bounds them.
+
+Imports: ``paca.errors`` (nothing else of paca: it also serves LoRA and full fine-tuning).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+
+from paca.errors import PacaError
+
+ATTRIBUTE = "paca_drop_backward"
+# model_type -> the residual branches of one decoder layer, each the child modules it runs
+# (in order; the last one's output joins the residual stream)
+PRE_NORM = [("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp")]
+BRANCHES: dict[str, list[tuple[str, ...]]] = {
+    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "olmo", "gemma"], PRE_NORM),
+    "mixtral": [("input_layernorm", "self_attn"), ("post_attention_layernorm", "block_sparse_moe")],
+    # Gemma 2/3 normalise the branch output too; OLMo 2 only there (post-norm branches)
+    **dict.fromkeys(
+        ["gemma2", "gemma3_text"],
+        [
+            ("input_layernorm", "self_attn", "post_attention_layernorm"),
+            ("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm"),
+        ],
+    ),
+    "olmo2": [("self_attn", "post_attention_layernorm"), ("mlp", "post_feedforward_layernorm")],
+    "gpt2": [("ln_1", "attn"), ("ln_2", "mlp")],
+}
+
+_CONTROLLERS: weakref.WeakSet[DropBackward] = weakref.WeakSet()
+_hooks = None
+
+
+@dataclass
+class Branch:
+    """One residual branch: ``name`` (``model.layers.3.mlp``), its modules, FLOPs per token
+    (multiply-adds of its linear layers) and drop rate."""
+
+    name: str
+    modules: tuple[nn.Module, ...]
+    flops: int
+    rate: float
+    originals: list = field(default_factory=list, repr=False)
+
+    def parameters(self):
+        for module in self.modules:
+            yield from module.parameters()
+
+
+class _ZeroGrads(torch.autograd.Function):
+    """Identity on ``out``; exact zero gradients for ``params`` (the DDP link of a dropped
+    branch)."""
+
+    @staticmethod
+    def forward(ctx, out, *params):
+        ctx.specs = [(p.shape, p.dtype, p.device) for p in params]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(torch.zeros(s, dtype=d, device=v) for s, d, v in ctx.specs))
+
+
+def _linear_flops(module: nn.Module) -> int:
+    """Multiply-adds per token of the 2-D weights under ``module`` (the linear layers)."""
+    return sum(p.numel() for n, p in module.named_parameters() if p.dim() == 2 and "embed" not in n)
+
+
+def allocate_rates(
+    rate: float, flops: list[int], sensitivity: list[float], max_rate: float = 0.9
+) -> list[float]:
+    """Per-branch drop rates whose FLOP-weighted mean is ``rate``.
+
+    Minimises ``sum(s_i * p_i**2)`` subject to ``sum(F_i * p_i) = rate * sum(F_i)`` and
+    ``0 <= p_i <= max_rate``: ``p_i = min(max_rate, lam * F_i / s_i)``, ``lam`` by bisection.
+    A branch twice as sensitive gets half the rate; one with twice the FLOPs, twice. Equal
+    sensitivities and FLOPs give every branch ``rate``.
+    """
+    if not 0.0 <= rate <= max_rate:
+        raise PacaError(f"drop rate {rate} must lie in [0, {max_rate}]")
+    if rate == 0.0:
+        return [0.0] * len(flops)
+    floor = 1e-12 * max(max(sensitivity), 1e-30)
+    weights = [f / max(s, floor) for f, s in zip(flops, sensitivity, strict=True)]
+    target = rate * sum(flops)
+
+    def achieved(lam: float) -> float:
+        return sum(f * min(max_rate, lam * w) for f, w in zip(flops, weights, strict=True))
+
+    low, high = 0.0, 1.0
+    while achieved(high) < target * (1 - 1e-12):
+        high *= 2
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if achieved(middle) < target else (low, middle)
+    return [min(max_rate, high * w) for w in weights]
+
+
+class DropBackward:
+    """The DropBP state of one model (``model.paca_drop_backward``)."""
+
+    def __init__(self, model: nn.Module, branches: list[Branch], seed: int, patterns: int | None):
+        self.model = weakref.ref(model)
+        self.branches = branches
+        self.seed = seed
+        self.steps = 0  # optimizer steps seen
+        self._random = random.Random(seed)
+        self.patterns = None if patterns is None else [self._draw() for _ in range(patterns)]
+        self.dropped: frozenset[int] = frozenset()
+        self._param_ids = {id(p) for b in branches for p in b.parameters()}
+        self.next_pattern()
+
+    @property
+    def rate(self) -> float:
+        """The FLOP-weighted mean drop rate."""
+        total = sum(b.flops for b in self.branches)
+        return sum(b.flops * b.rate for b in self.branches) / total if total else 0.0
+
+    def _draw(self) -> frozenset[int]:
+        return frozenset(i for i, b in enumerate(self.branches) if self._random.random() < b.rate)
+
+    def next_pattern(self) -> frozenset[int]:
+        """Draws the pattern of the next step (the optimizer step hook calls this)."""
+        if self.patterns is None:
+            self.dropped = self._draw()
+        else:
+            self.dropped = self.patterns[self._random.randrange(len(self.patterns))]
+        return self.dropped
+
+    def set_rates(self, rates: Mapping[str, float] | list[float]) -> None:
+        """Sets per-branch rates (a list in branch order, or ``{branch name: rate}``)."""
+        if isinstance(rates, Mapping):
+            unknown = set(rates) - {b.name for b in self.branches}
+            if unknown:
+                raise PacaError(
+                    f"no DropBP branches named {sorted(unknown)[:3]}; the branches are "
+                    f"{[b.name for b in self.branches][:4]}..."
+                )
+            rates = [rates.get(b.name, b.rate) for b in self.branches]
+        if len(rates) != len(self.branches):
+            raise PacaError(f"{len(rates)} rates for {len(self.branches)} DropBP branches")
+        for branch, value in zip(self.branches, rates, strict=True):
+            if not 0.0 <= value < 1.0:
+                raise PacaError(f"drop rate {value} of {branch.name} must lie in [0, 1)")
+            branch.rate = float(value)
+        if self.patterns is not None:
+            self.patterns = [self._draw() for _ in self.patterns]
+        self.next_pattern()
+
+    def owns(self, optimizer) -> bool:
+        return any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
+
+    def skip_dropped(self) -> None:
+        """Leaves the parameters of this step's dropped branches out of the optimizer step."""
+        kept = {id(p) for i, b in enumerate(self.branches) if i not in self.dropped
+                for p in b.parameters()}  # fmt: skip
+        for i in self.dropped:
+            for param in self.branches[i].parameters():
+                if id(param) not in kept:  # a parameter shared with a kept branch keeps its grad
+                    param.grad = None
+
+    # -- the branch forward
+    def _wrap(self, index: int, position: int, module: nn.Module):
+        original = module.forward
+        last = position == len(self.branches[index].modules) - 1
+        controller = self
+
+        def forward(*args, **kwargs):
+            if not (index in controller.dropped and module.training and torch.is_grad_enabled()):
+                return original(*args, **kwargs)
+            with torch.no_grad():
+                out = original(*args, **kwargs)
+            if last and torch.distributed.is_available() and torch.distributed.is_initialized():
+                out = controller._link(index, out)
+            return out
+
+        return forward
+
+    def _link(self, index: int, out):
+        params = [p for p in self.branches[index].parameters() if p.requires_grad]
+        if not params:
+            return out
+        if isinstance(out, torch.Tensor):
+            return _ZeroGrads.apply(out, *params)
+        if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+            return (_ZeroGrads.apply(out[0], *params), *out[1:])
+        return out
+
+    def install(self) -> None:
+        for index, branch in enumerate(self.branches):
+            for position, module in enumerate(branch.modules):
+                branch.originals.append(module.__dict__.get("forward"))
+                module.forward = self._wrap(index, position, module)
+
+    def remove(self) -> None:
+        for branch in self.branches:
+            for module, original in zip(branch.modules, branch.originals, strict=True):
+                if original is None:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.forward = original
+            branch.originals.clear()
+        self.dropped = frozenset()
+
+
+def _before_step(optimizer, args, kwargs) -> None:
+    for controller in list(_CONTROLLERS):
+        if controller.dropped and controller.owns(optimizer):
+            controller.skip_dropped()
+
+
+def _after_step(optimizer, args, kwargs) -> None:
+    for controller in list(_CONTROLLERS):
+        if controller.owns(optimizer):
+            controller.steps += 1
+            controller.next_pattern()
+
+
+def _decoder_branches(model: nn.Module) -> list[Branch]:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    spec = BRANCHES.get(model_type)
+    if spec is None:
+        raise PacaError(
+            f"paca.drop_backward knows the decoder layers of {sorted(BRANCHES)}, not "
+            f"model_type={model_type!r} ({type(model).__name__}); add its residual branches to "
+            "paca.dropbp.BRANCHES (model_type -> [(norm, attention), (norm, mlp)])"
+        )
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList):
+            continue
+        for index, layer in enumerate(module):
+            for attrs in spec:
+                if all(isinstance(getattr(layer, a, None), nn.Module) for a in attrs):
+                    modules = tuple(getattr(layer, a) for a in attrs)
+                    flops = sum(_linear_flops(m) for m in modules)
+                    found.append(Branch(f"{name}.{index}.{attrs[-1]}", modules, flops, 0.0))
+    if not found:
+        raise PacaError(
+            f"found no decoder layers with {spec} in {type(model).__name__}; is it a "
+            f"{model_type} model?"
+        )
+    return found
+
+
+def get(model: nn.Module) -> DropBackward | None:
+    controller = model.__dict__.get(ATTRIBUTE)
+    return controller if isinstance(controller, DropBackward) else None
+
+
+def drop_backward(
+    model: nn.Module,
+    rate: float = 0.5,
+    seed: int = 0,
+    sensitivity: Mapping[str, float] | Mapping[str, torch.Tensor] | None = None,
+    patterns: int | None = None,
+    max_rate: float = 0.9,
+) -> nn.Module:
+    """Applies DropBP to the decoder layers of ``model`` (PaCA, LoRA or fully trained).
+
+    Args:
+        model (nn.Module): a causal LM of a type in ``BRANCHES`` (or a peft model of one).
+        rate (float): the FLOP-weighted mean drop rate, in ``[0, max_rate]``; ``0`` trains
+            exactly as without DropBP.
+        seed (int): seed of the drop patterns (the same on every rank).
+        sensitivity: ``None`` (every branch drops at ``rate``), ``{branch name: sensitivity}``
+            (``sensitivities`` measures them), or a batch (a mapping of tensors the model takes
+            as keyword arguments, with labels) to measure on now.
+        patterns (int | None): draw this many patterns once and pick one per step (bounded graphs
+            under ``torch.compile`` and on Gaudi); ``None``: a fresh pattern every step.
+        max_rate (float): the highest rate any one branch gets.
+
+    Returns:
+        nn.Module: ``model``; ``paca.unload``, ``paca.merge`` or ``remove_drop_backward`` take
+        DropBP off again.
+    """
+    global _hooks
+    if not 0.0 <= rate <= max_rate < 1.0:
+        raise PacaError(
+            f"rate={rate} (max_rate={max_rate}): use 0 <= rate <= max_rate < 1, e.g. rate=0.5"
+        )
+    if patterns is not None and patterns < 1:
+        raise PacaError(f"patterns={patterns}: use None or a positive number")
+    target = _base_model(model)
+    branches = _decoder_branches(target)
+    if get(model) is not None:
+        remove_drop_backward(model)
+    for branch in branches:
+        branch.rate = rate
+    controller = DropBackward(model, branches, seed, patterns)
+    controller.install()
+    model.__dict__[ATTRIBUTE] = controller
+    _CONTROLLERS.add(controller)
+    if _hooks is None:
+        _hooks = (
+            register_optimizer_step_pre_hook(_before_step),
+            register_optimizer_step_post_hook(_after_step),
+        )
+    if sensitivity is not None:
+        if all(isinstance(v, torch.Tensor) for v in sensitivity.values()):
+            sensitivity = sensitivities(model, sensitivity)
+        scores = [float(sensitivity.get(b.name, math.nan)) for b in branches]
+        missing = [b.name for b, s in zip(branches, scores, strict=True) if math.isnan(s)]
+        if missing:
+            remove_drop_backward(model)
+            raise PacaError(f"sensitivity has no value for {missing[:3]} (of {len(missing)})")
+        controller.set_rates(allocate_rates(rate, [b.flops for b in branches], scores, max_rate))
+    return model
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (its config names the architecture)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def remove_drop_backward(model: nn.Module) -> nn.Module:
+    """Takes DropBP off ``model`` (a no-op if it has none)."""
+    controller = get(model)
+    if controller is not None:
+        controller.remove()
+        _CONTROLLERS.discard(controller)
+        model.__dict__.pop(ATTRIBUTE, None)
+    return model
+
+
+def sensitivities(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Each branch's sensitivity on ``batch``: ``|g - g_i|^2 / |g|^2`` over all trainable
+    parameters, ``g`` the gradient with nothing dropped, ``g_i`` with branch ``i`` alone dropped.
+
+    Costs one forward and backward per branch plus one. The model's gradients, RNG state and
+    drop pattern are left as they were.
+    """
+    controller = get(model)
+    if controller is None:
+        raise PacaError("sensitivities needs paca.drop_backward(model, ...) first")
+    params = [p for p in model.parameters() if p.requires_grad]
+    kept_grads = [p.grad for p in params]
+    kept_pattern = controller.dropped
+
+    def gradient(dropped: frozenset[int]) -> list[torch.Tensor | None]:
+        controller.dropped = dropped
+        for p in params:
+            p.grad = None
+        with torch.random.fork_rng(devices=[]):
+            loss = model(**batch).loss
+            loss.backward()
+        return [None if p.grad is None else p.grad.detach().double() for p in params]
+
+    try:
+        reference = gradient(frozenset())
+        norm = sum(float((g * g).sum()) for g in reference if g is not None) or 1.0
+        scores = {}
+        for index, branch in enumerate(controller.branches):
+            grads = gradient(frozenset([index]))
+            diff = 0.0
+            for g, h in zip(reference, grads, strict=True):
+                if g is None:
+                    continue
+                d = g if h is None else g - h
+                diff += float((d * d).sum())
+            scores[branch.name] = diff / norm
+    finally:
+        controller.dropped = kept_pattern
+        for p, g in zip(params, kept_grads, strict=True):
+            p.grad = g
+    return scores

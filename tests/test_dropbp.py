@@ -1,0 +1,277 @@
+"""DropBP (paca.drop_backward): exact against an independent detach-based reference, the forward
+unchanged, the optimizer skipping dropped branches, accumulation, checkpointing, DDP, the HF
+Trainer, LoRA, removal and bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama, token_batch
+
+import paca
+from paca import dropbp
+
+WORKER = Path(__file__).parent / "distributed_worker.py"
+
+
+def _adapted(seed=0, **overrides):
+    return paca.enable(tiny_llama(seed, dtype=torch.float64, **overrides), r=4, seed=1).train()
+
+
+def _grads(model, ids):
+    for p in model.parameters():
+        p.grad = None
+    model(ids, labels=ids).loss.backward()
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+            if p.requires_grad}  # fmt: skip
+
+
+def _detach_reference(model, dropped_names):
+    """The authors' form of DropBP, written independently: the dropped branch's output is
+    detached where it joins the residual stream."""
+    handles = []
+    for name, module in model.named_modules():
+        if name in dropped_names:
+            handles.append(module.register_forward_hook(lambda m, a, out: _detached(out)))
+    return handles
+
+
+def _detached(out):
+    return (out[0].detach(), *out[1:]) if isinstance(out, tuple) else out.detach()
+
+
+def test_gradients_match_a_detach_reference_in_float64():
+    ids = token_batch()
+    model = _adapted()
+    reference = _adapted()
+    paca.drop_backward(model, rate=0.5, seed=0)
+    controller = dropbp.get(model)
+    controller.dropped = frozenset({0, 3})  # layer 0's attention, layer 1's MLP
+    names = {controller.branches[i].name for i in controller.dropped}
+    assert names == {"model.layers.0.self_attn", "model.layers.1.mlp"}
+    got = _grads(model, ids)
+    handles = _detach_reference(reference, names)
+    want = _grads(reference, ids)
+    for h in handles:
+        h.remove()
+    assert got.keys() == want.keys()
+    dropped = [n for n in got if n.startswith(tuple(names))]
+    assert dropped and all(got[n] is None and want[n] is None for n in dropped)
+    kept = [n for n in got if n not in dropped]
+    assert kept and all(got[n] is not None for n in kept)
+    for n in kept:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=1e-14, msg=n)
+
+
+def test_forward_unchanged_and_fewer_bytes_saved():
+    ids = token_batch()
+    model = _adapted()
+    with torch.no_grad():
+        want = model(ids).logits
+    saved = {}
+    for rate in (0.0, 0.5):
+        paca.drop_backward(model, rate=rate)
+        if rate:
+            dropbp.get(model).dropped = frozenset({0, 1, 2})
+        count = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: count.append(t.numel()) or t,
+                                                      lambda t: t):  # fmt: skip
+            got = model(ids).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        saved[rate] = sum(count)
+    assert saved[0.5] < 0.6 * saved[0.0]
+
+
+def test_rate_zero_trains_bit_exactly_like_paca_alone():
+    ids = token_batch()
+    runs = []
+    for drop in (False, True):
+        model = paca.enable(tiny_llama(), r=4, seed=1).train()
+        if drop:
+            paca.drop_backward(model, rate=0.0, seed=5)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(3):
+            model(ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append({n: layer.delta.detach().clone() for n, layer in paca.paca_layers(model)})
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name
+
+
+def test_optimizer_skips_dropped_branches_and_pattern_changes_per_step():
+    ids = token_batch()
+    model = paca.enable(tiny_llama(num_hidden_layers=4), r=4, seed=1).train()
+    paca.drop_backward(model, rate=0.5, seed=2)
+    controller = dropbp.get(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    layers = dict(paca.paca_layers(model))
+    patterns = []
+    for _ in range(6):
+        dropped = controller.dropped
+        patterns.append(dropped)
+        names = [controller.branches[i].name for i in dropped]
+        before = {n: layer.delta.detach().clone() for n, layer in layers.items()}
+        steps = {n: opt.state[layer.delta].get("step") for n, layer in layers.items()
+                 if layer.delta in opt.state}  # fmt: skip
+        for _ in range(2):  # gradient accumulation: the pattern holds for both micro-batches
+            model(ids, labels=ids).loss.backward()
+            assert controller.dropped == dropped
+        opt.step()
+        opt.zero_grad()
+        for n, layer in layers.items():
+            moved = not torch.equal(layer.delta, before[n])
+            assert moved != n.startswith(tuple(names)), n
+            if not moved and n in steps:  # Adam's per-parameter step count did not advance
+                assert torch.equal(opt.state[layer.delta]["step"], steps[n])
+    assert controller.steps == 6 and len(set(patterns)) > 1
+    assert any(patterns) and all(len(p) < len(controller.branches) for p in patterns)
+
+
+def test_eval_and_no_grad_are_untouched():
+    ids = token_batch()
+    model = _adapted()
+    paca.drop_backward(model, rate=0.5)
+    dropbp.get(model).dropped = frozenset(range(4))
+    model.eval()
+    grads = _grads(model, ids)  # eval mode with grad enabled: nothing dropped
+    assert all(g is not None for g in grads.values())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = token_batch()
+    results = []
+    for checkpointing in (False, True):
+        model = _adapted()
+        if checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        paca.drop_backward(model, rate=0.5)
+        dropbp.get(model).dropped = frozenset({1, 2})
+        results.append(_grads(model, ids))
+    assert results[0].keys() == results[1].keys()
+    for n, g in results[0].items():
+        if g is None:
+            assert results[1][n] is None, n
+        else:
+            torch.testing.assert_close(results[1][n], g, rtol=1e-12, atol=1e-14, msg=n)
+
+
+def test_unload_merge_and_remove_take_it_off():
+    for finish in (paca.unload, paca.merge, paca.remove_drop_backward):
+        model = _adapted()
+        paca.drop_backward(model, rate=0.5)
+        assert "forward" in model.model.layers[0].self_attn.__dict__
+        finish(model)
+        assert dropbp.get(model) is None
+        assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_lora_and_gpt2():
+    peft = pytest.importorskip("peft")
+    ids = token_batch()
+    model = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"])
+    )
+    paca.drop_backward(model.train(), rate=0.5)
+    controller = dropbp.get(model)
+    controller.dropped = frozenset({0})
+    grads = _grads(model, ids)
+    assert grads["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"] is None
+    assert (
+        grads["base_model.model.model.layers.1.self_attn.q_proj.lora_B.default.weight"] is not None
+    )
+    gpt2 = paca.enable(tiny_gpt2(), r=4).train()
+    paca.drop_backward(gpt2, rate=0.5)
+    assert [b.name for b in dropbp.get(gpt2).branches][:2] == [
+        "transformer.h.0.attn",
+        "transformer.h.0.mlp",
+    ]
+
+
+def test_allocate_rates_keeps_the_flop_weighted_mean():
+    assert dropbp.allocate_rates(0.5, [1, 1, 1], [1.0, 1.0, 1.0]) == pytest.approx([0.5] * 3)
+    rates = dropbp.allocate_rates(0.5, [1, 2, 1, 2], [1.0, 1.0, 4.0, 0.5])
+    assert sum(f * p for f, p in zip([1, 2, 1, 2], rates, strict=True)) / 6 == pytest.approx(0.5)
+    assert rates[2] < rates[0] < rates[1] < rates[3] <= 0.9
+
+
+def test_sensitivities_measure_and_leave_the_model_as_it_was():
+    ids = token_batch()
+    model = _adapted()
+    paca.drop_backward(model, rate=0.5)
+    controller = dropbp.get(model)
+    pattern = controller.dropped
+    batch = {"input_ids": ids, "labels": ids}
+    scores = dropbp.sensitivities(model, batch)
+    assert list(scores) == [b.name for b in controller.branches] and all(
+        s > 0 for s in scores.values()
+    )
+    assert controller.dropped == pattern
+    assert all(p.grad is None for p in model.parameters())
+    paca.drop_backward(model, rate=0.5, sensitivity=batch)
+    controller = dropbp.get(model)
+    assert controller.rate == pytest.approx(0.5)
+    assert len({b.rate for b in controller.branches}) > 1
+
+
+def test_bad_input_names_the_fix():
+    model = _adapted()
+    with pytest.raises(paca.PacaError, match="rate=1.5"):
+        paca.drop_backward(model, rate=1.5)
+    from conftest import tiny_bert_classifier
+
+    with pytest.raises(paca.PacaError, match="model_type='bert'.*BRANCHES"):
+        paca.drop_backward(tiny_bert_classifier(), rate=0.5)
+    with pytest.raises(paca.PacaError, match="sensitivity has no value"):
+        paca.drop_backward(model, rate=0.5, sensitivity={"model.layers.0.mlp": 1.0})
+    assert dropbp.get(model) is None and all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_patterns_bound_the_set_of_patterns():
+    model = _adapted(num_hidden_layers=4)
+    paca.drop_backward(model, rate=0.5, patterns=3)
+    controller = dropbp.get(model)
+    seen = {controller.next_pattern() for _ in range(50)}
+    assert seen <= set(controller.patterns) and len(controller.patterns) == 3
+
+
+def test_hf_trainer_with_accumulation(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ids = token_batch(batch=8)
+    model = paca.enable(tiny_llama(), r=4, seed=1)
+    paca.drop_backward(model, rate=0.5, seed=1)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, learning_rate=1e-2, report_to=[], use_cpu=True,
+        save_strategy="no", logging_steps=1,
+    )  # fmt: skip
+    trainer = paca.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    assert dropbp.get(model).steps == 3
+    assert all(
+        torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h
+    )
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    from distributed_worker import train
+
+    out = tmp_path / "d.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--standalone", str(WORKER), "--engine", "ddp", "--out", str(out)]
+    command += ["--drop-backward", "0.5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(WORKER.parent))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    got, want = torch.load(out), train(None, "merged", drop=0.5)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+    plain = train(None, "merged")  # without DropBP the deltas differ: something was dropped
+    assert any(not torch.allclose(plain[n], want[n]) for n in want)
