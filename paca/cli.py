@@ -56,6 +56,22 @@ def _bench_parser(sub) -> None:
         default=None,
         help="bitsandbytes base (needs paca[quant]): paca is then QPaCA and lora QLoRA",
     )
+    p.add_argument(
+        "--preset",
+        choices=list(bench.PRESETS),
+        default=None,
+        help="a named workload (smollm2: SmolLM2-135M's layer shapes); other flags override it",
+    )
+    p.add_argument(
+        "--optim",
+        choices=list(bench.OPTIMIZERS),
+        default=defaults.optim,
+        help="AdamW one tensor at a time (single), foreach, or fused (the HF Trainer's default)",
+    )
+    p.add_argument(
+        "--drop-rate", type=float, default=defaults.drop_rate, help="DropBP rate of *-dropbp"
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile every method's model")
     p.add_argument("--output", default=defaults.output)
     p.add_argument("--plot", action="store_true", help="also write bench.png (needs matplotlib)")
     p.add_argument(
@@ -76,7 +92,10 @@ def _run_bench(args, parser) -> int:
     settings["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
     settings["peak_memory"] = not args.no_peak_memory
     try:
-        if args.quick:
+        if args.preset:
+            given = {k: v for k, v in settings.items() if v != parser.get_default(k)}
+            cfg = bench.BenchConfig.preset(args.preset, **given)
+        elif args.quick:
             given = {k: v for k, v in settings.items() if v != getattr(bench.BenchConfig(), k)}
             cfg = bench.BenchConfig.quick(**given)
         else:

@@ -35,6 +35,8 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
         return
     for group in optimizer.param_groups:
         for param in group["params"]:
+            if param.grad is None:  # every torch.optim optimizer leaves such a parameter as is
+                continue
             layer = _LAYERS.get(id(param))
             if layer is not None and layer.active_adapter is not None and layer.delta is param:
                 # force: fused optimizers (torch.optim.AdamW(fused=True), the HF Trainer's
@@ -244,11 +246,12 @@ class PacaLinear(nn.Module):
             return
         adapter = self.active
         if force or adapter.delta._version != adapter.synced_version:
+            delta, base_cols = adapter.delta, adapter.base_cols
             with torch.no_grad():  # one fused op: base + scaling * delta
-                cols = torch.add(
-                    adapter.base_cols.to(adapter.delta.dtype), adapter.delta, alpha=adapter.scaling
-                )
-            self._write_cols(adapter.idx, cols.to(self.base_layer.weight.dtype))
+                if base_cols.dtype != delta.dtype:
+                    base_cols = base_cols.to(delta.dtype)
+                cols = torch.add(base_cols, delta, alpha=adapter.scaling)
+            self._write_cols(adapter.idx, cols)  # write_cols_ casts to the weight's dtype
             adapter.synced_version = adapter.delta._version
 
     def restore_base(self) -> None:

@@ -79,7 +79,7 @@ def reference_write_cols_(weight: Tensor, idx: Tensor, cols: Tensor, dim: int) -
     ``dim=1`` for ``nn.Linear`` (weight ``(out, in)``, cols ``(out, r)``); ``dim=0`` for GPT-2's
     ``Conv1D`` (weight ``(in, out)``, cols ``(r, out)``).
     """
-    weight.index_copy_(dim, idx, cols.to(weight.dtype))
+    weight.index_copy_(dim, idx, cols if cols.dtype == weight.dtype else cols.to(weight.dtype))
 
 
 @torch.library.register_fake("paca::write_cols_", lib=_lib)
@@ -143,8 +143,9 @@ class _MergedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, delta, idx, scaling, transposed):
         w = weight.t() if transposed else weight  # (out, in), a view for Conv1D
-        y = F.linear(x, w, bias)
+        # gathered before the GEMM, while x is still in cache from the op that wrote it
         x_idx = gather_cols(x, idx)  # (..., r): all the backward needs of x
+        y = F.linear(x, w, bias)
         ctx.save_for_backward(x_idx, weight)
         ctx.scaling = scaling
         ctx.transposed = transposed
@@ -156,7 +157,9 @@ class _MergedLinear(torch.autograd.Function):
         grad_x = grad_bias = grad_delta = None
         if ctx.needs_input_grad[0]:
             w = weight.t() if ctx.transposed else weight
-            grad_x = grad_out @ w.to(grad_out.dtype)  # the frozen layer's own GEMM
+            if w.dtype != grad_out.dtype:
+                w = w.to(grad_out.dtype)
+            grad_x = grad_out @ w  # the frozen layer's own GEMM
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         if ctx.needs_input_grad[3]:

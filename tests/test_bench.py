@@ -138,3 +138,35 @@ def test_quantized_base_runs_qpaca_against_qlora(tmp_path):
     model, _ = bench.prepare("paca", bench.build_model(cfg), cfg, torch.device("cpu"))
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.mode == "additive" and isinstance(layer.base_layer, bnb.nn.Linear4bit)
+
+
+def test_dropbp_methods_save_less_and_optimizers_are_selectable(quick_report):
+    rows = quick_report[0]["methods"]
+    # quick: 2 layers, rate 0.5, seed 0: some branch is dropped in the measured step
+    assert rows["paca-dropbp"]["saved_bytes"] < rows["paca"]["saved_bytes"]
+    assert rows["lora-dropbp"]["saved_bytes"] < rows["lora"]["saved_bytes"]
+    assert rows["paca-dropbp"]["trainable_params"] == rows["paca"]["trainable_params"]
+    for optim, flag in (("fused", "fused"), ("foreach", "foreach")):
+        cfg = bench.BenchConfig.quick(optim=optim)
+        _, optimizer = bench.prepare("paca", bench.build_model(cfg), cfg, torch.device("cpu"))
+        assert optimizer.defaults[flag] is True
+    with pytest.raises(bench.PacaError, match="optim='adam'"):
+        bench.BenchConfig(optim="adam")
+
+
+def test_preset_sets_the_shape_and_flags_override_it(tmp_path, monkeypatch):
+    cfg = bench.BenchConfig.preset("smollm2", layers=2)
+    assert (cfg.hidden, cfg.layers, cfg.vocab, cfg.model) == (576, 2, 8000, "llama")
+    seen = {}
+
+    class Seen(Exception):
+        pass
+
+    def fake_run(cfg):
+        seen["cfg"] = cfg
+        raise Seen
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    with pytest.raises(Seen):
+        main(["bench", "--preset", "smollm2", "--layers", "3", "--optim", "fused"])
+    assert (seen["cfg"].hidden, seen["cfg"].layers, seen["cfg"].optim) == (576, 3, "fused")

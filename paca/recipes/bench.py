@@ -35,8 +35,16 @@ from paca.errors import MissingDependency, PacaError
 from paca.recipes.loading import dtype_argument
 from paca.targets import DEFAULT_TARGETS
 
-METHODS = ("frozen", "paca", "paca-additive", "lora", "dora", "full")
+METHODS = ("frozen", "paca", "paca-additive", "lora", "dora", "full", "paca-dropbp", "lora-dropbp")
 ARCHITECTURES = ("llama", "mistral", "qwen2")
+OPTIMIZERS = ("single", "foreach", "fused")
+# named workloads: shapes of a real model built from a config (random weights)
+PRESETS = {
+    # SmolLM2-135M's layers (hidden 576, MLP 1536, 30 layers, 9 heads) with a smaller vocabulary
+    # and all heads as KV heads (a LLaMA config built by this bench)
+    "smollm2": {"model": "llama", "hidden": 576, "layers": 30, "vocab": 8000},
+    "default": {},
+}
 
 
 @dataclass
@@ -45,7 +53,8 @@ class BenchConfig:
 
     Attributes:
         model (str): a config name (``llama``, ``mistral``, ``qwen2``: built from a config with
-            ``hidden``/``layers``/``vocab``) or a local Hugging Face model folder.
+            ``hidden``/``layers``/``vocab``), ``smollm2`` (the real SmolLM2-135M-Instruct of
+            ``paca train``, dequantized Q4_1) or a local Hugging Face model folder.
         hidden (int): hidden size of a model built from a config.
         layers (int): decoder layers of a model built from a config.
         vocab (int): vocabulary of a model built from a config.
@@ -65,6 +74,10 @@ class BenchConfig:
         quantize (str | None): ``"4bit"`` (nf4) or ``"8bit"`` (LLM.int8): the base model's
             linear layers are bitsandbytes layers, so ``paca`` is QPaCA and ``lora`` is QLoRA
             (same base quantization, same r and targets); ``full`` and ``dora`` are skipped.
+        optim (str): AdamW as ``single`` (one tensor at a time, ``foreach=False``: op counts
+            compare), ``foreach`` or ``fused`` (the HF Trainer's default ``adamw_torch_fused``).
+        drop_rate (float): DropBP rate of the ``*-dropbp`` methods (``paca.drop_backward``).
+        compile (bool): ``torch.compile`` each method's model (timed after the warm-up rounds).
     """
 
     model: str = "llama"
@@ -85,6 +98,16 @@ class BenchConfig:
     plot: bool = False
     seed: int = 0
     quantize: str | None = None
+    optim: str = "single"
+    drop_rate: float = 0.5
+    compile: bool = False
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> BenchConfig:
+        """A named workload (``PRESETS``), fields in ``overrides`` winning."""
+        if name not in PRESETS:
+            raise PacaError(f"preset={name!r}: choose one of {list(PRESETS)}")
+        return cls(**(PRESETS[name] | overrides))
 
     @classmethod
     def quick(cls, **overrides) -> BenchConfig:
@@ -99,6 +122,10 @@ class BenchConfig:
             raise PacaError(f"unknown bench methods {unknown}; choose from {list(METHODS)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise PacaError(f"dtype={self.dtype!r}: use float32 or bfloat16")
+        if self.optim not in OPTIMIZERS:
+            raise PacaError(f"optim={self.optim!r}: choose one of {list(OPTIMIZERS)}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise PacaError(f"drop_rate={self.drop_rate} must lie in [0, 1)")
         if self.quantize is not None and self.quantize not in quant.BITS:
             raise PacaError(f"quantize={self.quantize!r}: choose one of {list(quant.BITS)}")
         for name in ("hidden", "layers", "vocab", "seq", "batch", "r", "rounds"):
@@ -136,10 +163,14 @@ def build_model(cfg: BenchConfig) -> nn.Module:
         model = transformers.AutoModelForCausalLM.from_config(config)
     else:
         path = Path(cfg.model)
+        if cfg.model == "smollm2" and not path.exists():
+            from paca.recipes import smollm2
+
+            path = smollm2.model_folder()
         if not (path / "config.json").is_file():
             raise PacaError(
-                f"model={cfg.model!r} is neither a config name {list(ARCHITECTURES)} nor a local "
-                "model folder with a config.json"
+                f"model={cfg.model!r} is neither a config name {list(ARCHITECTURES)}, smollm2, "
+                "nor a local model folder with a config.json"
             )
         model = transformers.AutoModelForCausalLM.from_pretrained(path)
     # .to(dtype) rather than a dtype argument, whose name differs between transformers 4 and 5
@@ -168,12 +199,12 @@ def prepare(method: str, base: nn.Module, cfg: BenchConfig, device: torch.device
     targets = _targets(base)
     if method == "frozen":
         model.requires_grad_(False)
-    elif method in ("paca", "paca-additive"):
+    elif method in ("paca", "paca-additive", "paca-dropbp"):
         mode = "additive" if method == "paca-additive" else "auto"
         paca.enable(
             model, r=cfg.r, alpha=cfg.alpha, target_modules=targets, device=str(device), mode=mode
         )
-    elif method in ("lora", "dora"):
+    elif method in ("lora", "dora", "lora-dropbp"):
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(
@@ -186,11 +217,21 @@ def prepare(method: str, base: nn.Module, cfg: BenchConfig, device: torch.device
         model = get_peft_model(model, lora)
     elif method == "full":
         model.requires_grad_(True)
+    if method.endswith("-dropbp"):
+        paca.drop_backward(model, rate=cfg.drop_rate, seed=cfg.seed)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    # foreach=False: one op per tensor, so the op counts of the methods compare
-    optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=False) if params else None
+    optimizer = make_optimizer(params, cfg.optim) if params else None
+    if cfg.compile:
+        model = torch.compile(model)
     return model, optimizer
+
+
+def make_optimizer(params, optim: str) -> torch.optim.Optimizer:
+    """AdamW one tensor at a time (``single``: the op counts of the methods compare),
+    ``foreach`` or ``fused``."""
+    flags = {"single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    return torch.optim.AdamW(params, lr=1e-5, **flags[optim])
 
 
 def make_inputs(base: nn.Module, cfg: BenchConfig, device: torch.device):
@@ -400,7 +441,7 @@ def available_methods(cfg: BenchConfig) -> tuple[list[str], dict[str, str]]:
         if cfg.quantize and method in ("full", "dora"):
             skipped[method] = f"not run on a {cfg.quantize} base"
             continue
-        if method in ("lora", "dora"):
+        if method in ("lora", "dora", "lora-dropbp"):
             try:
                 import peft
                 from peft import LoraConfig
@@ -558,7 +599,8 @@ def write_report(report: dict, output: Path, plot: bool = False) -> None:
     )
     lines = [
         f"# paca bench: {cfg['model']} hidden {cfg['hidden']}, {cfg['layers']} layers, "
-        f"seq {cfg['seq']}, batch {cfg['batch']}, r {cfg['r']}, {base} "
+        f"seq {cfg['seq']}, batch {cfg['batch']}, r {cfg['r']}, {base}, "
+        f"AdamW {cfg.get('optim', 'single')}{', compiled' if cfg.get('compile') else ''} "
         f"on {report['machine']['device']}",
         "",
         table(report),
