@@ -227,6 +227,17 @@ def _train_parser(sub) -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument(
+        "--drop-backward",
+        type=float,
+        default=0.0,
+        help="DropBP rate: skip the backward of this share of the decoder's branches (0: off)",
+    )
+    p.add_argument(
+        "--drop-sensitivity",
+        action="store_true",
+        help="with --drop-backward: rates from a sensitivity measurement at 10%% of the steps",
+    )
+    p.add_argument(
         "--quantize",
         choices=["4bit", "8bit"],
         default=None,

@@ -139,8 +139,8 @@ class DropBackward:
         self.branches = branches
         self.seed = seed
         self.steps = 0  # optimizer steps seen
-        self._random = random.Random(seed)
-        self.patterns = None if patterns is None else [self._draw() for _ in range(patterns)]
+        self._patterns = patterns
+        self.patterns = self._fixed_patterns()
         self.dropped: frozenset[int] = frozenset()
         self._param_ids = {id(p) for b in branches for p in b.parameters()}
         self.next_pattern()
@@ -151,15 +151,30 @@ class DropBackward:
         total = sum(b.flops for b in self.branches)
         return sum(b.flops * b.rate for b in self.branches) / total if total else 0.0
 
-    def _draw(self) -> frozenset[int]:
-        return frozenset(i for i, b in enumerate(self.branches) if self._random.random() < b.rate)
+    def _random(self, stream: int, index: int) -> random.Random:
+        # a pattern depends on (seed, step) alone: the same on every rank and after a resume
+        return random.Random((self.seed * 1_000_003 + index) * 4 + stream)
+
+    def _draw(self, rng: random.Random) -> frozenset[int]:
+        dropped = {i for i, b in enumerate(self.branches) if rng.random() < b.rate}
+        # never all of them: with a frozen embedding the loss would have no gradient at all
+        if len(dropped) == len(self.branches):
+            dropped.discard(len(self.branches) - 1)
+        return frozenset(dropped)
+
+    def _fixed_patterns(self) -> list[frozenset[int]] | None:
+        if self._patterns is None:
+            return None
+        return [self._draw(self._random(1, k)) for k in range(self._patterns)]
 
     def next_pattern(self) -> frozenset[int]:
-        """Draws the pattern of the next step (the optimizer step hook calls this)."""
+        """Sets the pattern of step ``self.steps`` (the optimizer step hook calls this after
+        counting a step; set ``steps`` first to resume)."""
+        rng = self._random(0, self.steps)
         if self.patterns is None:
-            self.dropped = self._draw()
+            self.dropped = self._draw(rng)
         else:
-            self.dropped = self.patterns[self._random.randrange(len(self.patterns))]
+            self.dropped = self.patterns[rng.randrange(len(self.patterns))]
         return self.dropped
 
     def set_rates(self, rates: Mapping[str, float] | list[float]) -> None:
@@ -178,8 +193,7 @@ class DropBackward:
             if not 0.0 <= value < 1.0:
                 raise PacaError(f"drop rate {value} of {branch.name} must lie in [0, 1)")
             branch.rate = float(value)
-        if self.patterns is not None:
-            self.patterns = [self._draw() for _ in self.patterns]
+        self.patterns = self._fixed_patterns()
         self.next_pattern()
 
     def owns(self, optimizer) -> bool:

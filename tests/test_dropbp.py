@@ -236,12 +236,23 @@ def test_bad_input_names_the_fix():
     assert dropbp.get(model) is None and all("forward" not in m.__dict__ for m in model.modules())
 
 
-def test_patterns_bound_the_set_of_patterns():
+def test_patterns_bound_the_set_of_patterns_and_follow_the_step():
     model = _adapted(num_hidden_layers=4)
     paca.drop_backward(model, rate=0.5, patterns=3)
     controller = dropbp.get(model)
-    seen = {controller.next_pattern() for _ in range(50)}
-    assert seen <= set(controller.patterns) and len(controller.patterns) == 3
+    seen = []
+    for step in range(50):
+        controller.steps = step
+        seen.append(controller.next_pattern())
+    assert set(seen) <= set(controller.patterns) and len(set(seen)) == len(controller.patterns) == 3
+    paca.drop_backward(model, rate=0.9, seed=0)  # fresh patterns, a function of (seed, step)
+    controller = dropbp.get(model)
+    draws = []
+    for step in [*range(200), 7]:
+        controller.steps = step
+        draws.append(controller.next_pattern())
+    assert draws[-1] == draws[7] and len(set(draws)) > 20
+    assert all(len(p) < len(controller.branches) for p in draws)  # never every branch
 
 
 def test_hf_trainer_with_accumulation(tmp_path):

@@ -348,3 +348,44 @@ def test_each_task_has_its_own_defaults():
         assert {k: getattr(cfg, k) for k in defaults} == defaults
     assert TrainConfig(task="classification", max_steps=7).max_steps == 7
     assert TrainConfig().task == "chat" and TrainConfig().learning_rate == 5e-3
+
+
+def test_drop_backward_resumes_exactly_and_measures_sensitivity(
+    tmp_path, tiny_llama_folder, monkeypatch
+):
+    from paca.integrations.hf import Trainer
+
+    argv = _lm_argv(tmp_path, tiny_llama_folder)
+    argv += ["--max-steps", "6", "--save-steps", "3", "--batch-size", "4", "--lr", "1e-2"]
+    argv += ["--drop-backward", "0.5"]
+    assert main([*argv, "--output", str(tmp_path / "straight")]) == 0
+    metrics = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert metrics["drop_backward"]["rate"] == pytest.approx(0.5)
+
+    class Interrupted(Exception):
+        pass
+
+    calls = []
+    step = Trainer.training_step
+
+    def crashing_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise Interrupted
+        return step(self, *args, **kwargs)
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "training_step", crashing_step)
+        with pytest.raises(Interrupted):
+            main([*argv, "--output", str(out)])
+    assert main([*argv, "--output", str(out), "--resume"]) == 0
+    _assert_same_adapter(out, tmp_path / "straight")  # the same drop patterns after the resume
+    plain = [a for a in argv if a not in ("--drop-backward", "0.5")]
+    assert main([*plain, "--output", str(tmp_path / "plain")]) == 0
+    with pytest.raises(AssertionError):
+        _assert_same_adapter(tmp_path / "plain", tmp_path / "straight")
+    sensed = tmp_path / "sensed"
+    assert main([*argv, "--drop-sensitivity", "--output", str(sensed)]) == 0
+    drop = json.loads((sensed / "metrics.json").read_text())["drop_backward"]
+    assert drop["rate"] == pytest.approx(0.5) and len(set(drop["rates"].values())) > 1

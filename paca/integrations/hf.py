@@ -7,7 +7,10 @@ that is 14 GB per checkpoint for a few MB of adapter. ``paca.Trainer`` writes th
 (``paca.save_adapter``), any other trainable parameter and the optimizer, scheduler and RNG
 state the Trainer saves anyway, and resumes from exactly that.
 
-Imports: ``transformers``, ``paca.adapters``, ``paca.model``.
+``DropBackwardCallback`` keeps ``paca.drop_backward`` in step with the Trainer (resume, the
+sensitivity measurement).
+
+Imports: ``transformers``, ``paca.adapters``, ``paca.model``, ``paca.dropbp``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import transformers.trainer_utils as trainer_utils
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from paca import dropbp
 from paca.adapters import ADAPTER_WEIGHTS, load_adapter, save_adapter
 from paca.adapters.common import atomic_file, cpu_tensors, move_into_place
 from paca.errors import PacaError
@@ -205,6 +209,65 @@ class Trainer(AdapterCheckpoints, transformers.Trainer):
     quantized model with PaCA adapters is accepted (see ``quantized_training``). Models without
     PaCA, and sharded (FSDP) models, whose deltas are DTensors, get the Trainer's own behaviour.
     """
+
+
+class DropBackwardCallback(transformers.TrainerCallback):
+    """Keeps ``paca.drop_backward`` in step with a ``transformers.Trainer``.
+
+    The drop pattern of each step follows ``state.global_step``, so a resumed run drops what the
+    uninterrupted one would have dropped. With ``sensitivity_at`` (a fraction of ``max_steps``,
+    DropBP's authors use about 0.1), the callback measures every branch's sensitivity once, at
+    that step, on the step's last micro-batch, and sets per-branch rates with the same
+    FLOP-weighted mean (``paca.dropbp.allocate_rates``). Costs one forward and backward per
+    branch, once.
+    """
+
+    def __init__(self, sensitivity_at: float | None = None):
+        if sensitivity_at is not None and not 0.0 < sensitivity_at < 1.0:
+            raise PacaError(f"sensitivity_at={sensitivity_at}: use a fraction in (0, 1), e.g. 0.1")
+        self.sensitivity_at = sensitivity_at
+        self.sensitivity: dict[str, float] | None = None
+        self._batch = None
+        self._hook = None
+
+    @staticmethod
+    def _controller(model):
+        controller = dropbp.get(model) if model is not None else None
+        if controller is None:
+            raise PacaError(
+                "DropBackwardCallback needs a model with paca.drop_backward(model, ...) applied"
+            )
+        return controller
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        controller = self._controller(model)
+        controller.steps = state.global_step
+        controller.next_pattern()
+        if self.sensitivity_at is not None and self.sensitivity is None:
+
+            def keep(module, positional, named):
+                if module.training and torch.is_grad_enabled():
+                    self._batch = dict(named)
+
+            self._hook = model.register_forward_pre_hook(keep, with_kwargs=True)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        controller = self._controller(model)
+        due = max(1, round(self.sensitivity_at * state.max_steps)) if self.sensitivity_at else None
+        if due is not None and self.sensitivity is None and state.global_step >= due:
+            self._hook.remove()
+            batch, self._batch = self._batch, None
+            self.sensitivity = dropbp.sensitivities(model, batch)
+            flops = [b.flops for b in controller.branches]
+            scores = [self.sensitivity[b.name] for b in controller.branches]
+            controller.set_rates(dropbp.allocate_rates(controller.rate, flops, scores))
+        if controller.steps != state.global_step:  # an optimizer step was skipped (fp16 overflow)
+            controller.steps = state.global_step
+            controller.next_pattern()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
 
 
 def with_adapter_checkpoints(trainer_class: type) -> type:

@@ -31,8 +31,8 @@ from paca import backends
 from paca.adapters.common import atomic_file, cpu_tensors
 from paca.base_layer import is_quantized
 from paca.errors import MissingDependency, PacaError, require
+from paca.integrations.hf import DropBackwardCallback, quantized_training
 from paca.integrations.hf import Trainer as AdapterTrainer
-from paca.integrations.hf import quantized_training
 from paca.quant import BITS, bnb_config
 from paca.recipes import smollm2
 from paca.recipes.generate import greedy, prompt_ids
@@ -117,6 +117,11 @@ class TrainConfig:
         eval_split (str): chat: the split scored, ``test`` (default) or ``validation`` (what a
             learning-rate sweep should look at).
         eval_before (bool): also score the model before training (the zero-shot base).
+        drop_backward (float): DropBP rate (``paca.drop_backward``) on top of ``method``: the
+            backward of that share of the decoder's residual branches (FLOP-weighted) is skipped
+            each step; 0: off. Causal LMs of ``paca.dropbp.BRANCHES`` only.
+        drop_sensitivity (bool): with ``drop_backward``: measure each branch's sensitivity at
+            10% of the steps and give sensitive branches lower rates (same mean).
     """
 
     model: str | None = None
@@ -144,6 +149,8 @@ class TrainConfig:
     eval_examples: int = 128
     eval_split: str = "test"
     eval_before: bool = True
+    drop_backward: float = 0.0
+    drop_sensitivity: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -182,6 +189,14 @@ class TrainConfig:
                     "method='full' cannot train a quantized model; drop the quantize setting, "
                     "or use method='paca' or 'lora'"
                 )
+        if not 0.0 <= self.drop_backward <= 0.9:
+            raise TrainError(
+                f"drop_backward={self.drop_backward}: use a rate in [0, 0.9], e.g. 0.5"
+            )
+        if self.drop_backward and self.method == "head":
+            raise TrainError("drop_backward skips decoder branches; method='head' trains none")
+        if self.drop_sensitivity and not self.drop_backward:
+            raise TrainError("drop_sensitivity needs drop_backward > 0")
         if self.lr is not None and not self.lr > 0:
             raise TrainError(f"lr={self.lr} must be > 0")
 
@@ -541,6 +556,8 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.method == "paca" and get_strategy(cfg.selection).calibrated:
         calibration = calibration_batches(datasets["train"], collator, cfg)
     model = apply_method(model, cfg, device, calibration)
+    if cfg.drop_backward:
+        paca.drop_backward(model, rate=cfg.drop_backward, seed=cfg.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     quantized = sum(is_quantized(m) for n, m in model.named_modules() if n.endswith(".base_layer"))
 
@@ -653,6 +670,9 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
         )
     # ahead of the progress bar's callback, so the loss line it prints carries the throughput
     trainer.callback_handler.callbacks.insert(0, _Throughput())
+    if cfg.drop_backward:
+        at = 0.1 if cfg.drop_sensitivity else None
+        trainer.add_callback(DropBackwardCallback(sensitivity_at=at))
     evaluate = {s: d for s, d in datasets.items() if s != "train" and len(d)}
     if cfg.task == "chat":
         # a fixed sample of the held-out split: generation is the slow part of the run
@@ -696,8 +716,13 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
     seconds = time.perf_counter() - started
     after = scores("after")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    controller = paca.dropbp.get(model)
+    drop = None
+    if controller is not None:
+        drop = {"rate": controller.rate, "rates": {b.name: b.rate for b in controller.branches}}
     return {
         "method": cfg.method,
+        "drop_backward": drop,
         "before": before,
         "after": after,
         "train": {
