@@ -2,6 +2,7 @@
 on a bench workload, against the frozen model, by ATen op (self CPU time, ms per step).
 
     python scripts/profile_step.py [--preset smollm2] [--method paca] [--optim fused] [--steps 3]
+    python scripts/profile_step.py --cprofile   # Python-level: cProfile of the method's steps
 
 Prints the step times and the ops whose time differs most between the method and the frozen
 model. CPU only (on a GPU read the CUDA columns of the profiler instead).
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--optim", default="fused")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=18)
+    parser.add_argument("--cprofile", action="store_true", help="cProfile the method's steps")
     args = parser.parse_args()
     cfg = bench.BenchConfig.preset(args.preset, optim=args.optim, peak_memory=False)
     base = bench.build_model(cfg)
@@ -45,6 +47,18 @@ def main() -> None:
     embeds, labels = bench.make_inputs(base, cfg, device)
     frozen, _ = bench.prepare("frozen", base, cfg, device)
     model, optimizer = bench.prepare(args.method, base, cfg, device)
+    if args.cprofile:
+        import cProfile
+        import pstats
+
+        bench.train_step(model, optimizer, embeds, labels)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(args.steps):
+            bench.train_step(model, optimizer, embeds, labels)
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.top)
+        return
     reference, frozen_ms = by_op(frozen, None, embeds, labels, args.steps)
     measured, method_ms = by_op(model, optimizer, embeds, labels, args.steps)
     print(f"{args.preset}, {args.method}, AdamW {args.optim}: step {1e3 * method_ms:.0f} ms, "

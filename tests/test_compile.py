@@ -33,3 +33,20 @@ def test_compiled_training_matches_eager_without_recompiles(mode):
     assert graphs == 1, f"expected one graph for the whole model, got {graphs}"
     assert eager[-1] < eager[0]
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_drop_backward_compiles_one_graph_per_pattern_and_matches_eager():
+    torch._dynamo.reset()
+
+    def run(compiled):
+        model = paca.enable(tiny_llama(num_hidden_layers=3), r=4)
+        paca.drop_backward(model, rate=0.5, seed=1, patterns=2)
+        return _losses(model, 6, compiled=compiled)
+
+    eager = run(False)
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = run(True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+    # seed 1 uses both patterns in 6 steps: one graph each, no more
+    assert graphs == 2, f"expected one graph per pattern, got {graphs}"
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
