@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# GPU figures for paca, in one go, on a machine with an NVIDIA GPU (or any device paca knows).
+#
+#   bash scripts/gpu_bench.sh                      # cuda, results in gpu-results/
+#   DEVICE=cpu QUICK=1 bash scripts/gpu_bench.sh   # checks the script itself on a CPU
+#
+# 1. the device tests on the device's tensors (tests/test_device.py: ops, training against CPU,
+#    float64 exactness, DropBP), then the whole suite unless SUITE=0;
+# 2. paca bench, bf16, AdamW fused: the default shape and the SmolLM2 shape, for frozen, PaCA,
+#    LoRA, PaCA + DropBP 0.5 and LoRA + DropBP 0.5, peak device memory per method;
+# 3. table.md: both tables under the machine's name (GPU, driver, torch).
+set -euo pipefail
+DEVICE=${DEVICE:-cuda}
+OUT=${OUT:-gpu-results}
+ROUNDS=${ROUNDS:-20}
+METHODS=${METHODS:-frozen,paca,lora,paca-dropbp,lora-dropbp}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
+    || echo "no nvidia-smi"
+  python -c "import torch, platform; print('torch', torch.__version__, '| python', platform.python_version(), '| cuda', torch.version.cuda)"
+} > "$OUT/machine.txt"
+cat "$OUT/machine.txt"
+
+PACA_TEST_DEVICE=$DEVICE python -m pytest -q tests/test_device.py 2>&1 | tee "$OUT/device_tests.txt"
+if [ "${SUITE:-1}" = 1 ]; then
+  python -m pytest -q -x 2>&1 | tail -3 | tee "$OUT/suite.txt"
+fi
+
+for preset in default smollm2; do
+  if [ "${QUICK:-0}" = 1 ]; then
+    shape=(--quick)
+  else
+    shape=(--preset "$preset" --rounds "$ROUNDS" --warmup 3)
+  fi
+  python -m paca.cli bench "${shape[@]}" --device "$DEVICE" --dtype bfloat16 --optim fused \
+    --methods "$METHODS" --output "$OUT/bench-$preset"
+done
+
+python - "$OUT" <<'PY'
+import json
+import sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+lines = [f"# paca bench on {(out / 'machine.txt').read_text().strip()}", ""]
+for preset in ("default", "smollm2"):
+    lines += [(out / f"bench-{preset}" / "bench.md").read_text(), ""]
+(out / "table.md").write_text("\n".join(lines))
+print(f"wrote {out / 'table.md'}")
+PY
