@@ -389,3 +389,20 @@ def test_drop_backward_resumes_exactly_and_measures_sensitivity(
     assert main([*argv, "--drop-sensitivity", "--output", str(sensed)]) == 0
     drop = json.loads((sensed / "metrics.json").read_text())["drop_backward"]
     assert drop["rate"] == pytest.approx(0.5) and len(set(drop["rates"].values())) > 1
+
+
+def test_second_embedded_task_has_longer_answers_from_the_same_splits():
+    from paca.recipes.train import DEFAULT_DATA, TrainConfig, chat_rows, continue_rows, read_rows
+
+    raw = read_rows(DEFAULT_DATA)
+    rows, short = continue_rows(raw), chat_rows(raw)
+    assert 500 < len(rows) < len(raw)
+    assert all(0 < len(r["response"]) <= 200 for r in rows)
+    mean = sum(len(r["response"]) for r in rows) / len(rows)
+    assert mean > 5 * sum(len(r["response"]) for r in short) / len(short)
+    first = next(r for r in raw if r["text"].count(". ") >= 2)
+    made = continue_rows([first])[0]
+    assert made["split"] == first["split"] and made["response"] in first["text"]
+    assert first["label"] in made["prompt"] and made["response"] not in made["prompt"]
+    with pytest.raises(ValueError, match="embedded chat task"):
+        TrainConfig(task="classification", data="docstring-continue")

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -79,7 +80,9 @@ class TrainConfig:
             (``pip install "paca[demo]"``).
         data (str | None): JSONL or CSV file; ``None``: the embedded docstring task (for
             ``chat``: "which standard-library module is this docstring from?", answered with
-            the module's name). Fields: ``prompt,response`` for chat, ``text,label`` for
+            the module's name, ``docstring-module``); ``docstring-continue``: chat, the
+            second embedded task (a docstring's first sentence in, the next ones out, scored by
+            the loss on the answers). Fields: ``prompt,response`` for chat, ``text,label`` for
             classification, ``text`` or ``prompt,response`` for causal-lm, optionally
             ``split`` (train/validation/test); without it 10% go to validation.
         task (str): ``chat`` (instruction tuning through the model's chat template, scored by
@@ -158,6 +161,8 @@ class TrainConfig:
         for name, value in TASK_DEFAULTS[self.task].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.data in BUILTIN_DATA and self.task != "chat":
+            raise TrainError(f"data={self.data!r} is an embedded chat task; use task='chat'")
         if self.eval_examples < 0:
             raise TrainError(f"eval_examples={self.eval_examples} must be >= 0 (0: all)")
         if self.eval_split not in ("test", "validation"):
@@ -331,6 +336,32 @@ def causal_lm_data(rows, tokenizer, cfg):
     return out
 
 
+CONTINUE = "Continue this docstring from Python's {module} module:"
+
+
+def continue_rows(rows: list[dict], longest: int = 200) -> list[dict]:
+    """The second embedded task, with longer answers: a docstring's first sentence and its
+    module in, the next sentences out (whole sentences, at least one, ``longest`` characters at
+    most; docstrings whose second sentence is longer are left out). Scored by the loss on the answers, not by exact match."""
+    out = []
+    for r in rows:
+        sentences = re.split(r"(?<=[.!?])\s+", r["text"].strip())
+        if len(sentences) < 2:
+            continue
+        answer = sentences[1]
+        if len(answer) > longest:  # whole sentences only
+            continue
+        for sentence in sentences[2:]:
+            if len(answer) + 1 + len(sentence) > longest:
+                break
+            answer += " " + sentence
+        prompt = f"{CONTINUE.format(module=r['label'])}\n\n{sentences[0]}"
+        out.append(
+            {"prompt": prompt, "response": answer} | {k: r[k] for k in ("split", _LINE) if k in r}
+        )
+    return out
+
+
 def chat_rows(rows: list[dict]) -> list[dict]:
     """The docstring task as questions: "which module is this from?" -> the module's name."""
     return [
@@ -338,6 +369,10 @@ def chat_rows(rows: list[dict]) -> list[dict]:
         | {k: r[k] for k in ("split", _LINE) if k in r}
         for r in rows
     ]
+
+
+# the embedded chat tasks: name -> (rows from the docstrings, scored by exact match)
+BUILTIN_DATA = {"docstring-module": (chat_rows, True), "docstring-continue": (continue_rows, False)}
 
 
 def chat_data(rows, tokenizer, cfg):
@@ -500,10 +535,11 @@ def run(cfg: TrainConfig) -> dict:
         raise TrainError(
             "the embedded dataset is a classification and a chat task; pass data= for causal-lm"
         )
-    data_path = Path(cfg.data) if cfg.data else DEFAULT_DATA
+    builtin = cfg.data is None or cfg.data in BUILTIN_DATA
+    data_path = DEFAULT_DATA if builtin else Path(cfg.data)
     raw = read_rows(data_path)
-    if cfg.task == "chat" and cfg.data is None:
-        raw = chat_rows(raw)
+    if cfg.task == "chat" and builtin:
+        raw = BUILTIN_DATA[cfg.data or "docstring-module"][0](raw)
     rows = split_rows(raw, cfg.seed)
     fields = ("text", "label") if cfg.task == "classification" else ("prompt", "response")
     model_path = Path(cfg.model) if cfg.model else default_model_path(cfg.task)
@@ -691,7 +727,7 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
             result[split] = {"loss": m[f"{split}_loss"]}
             if labels:
                 result[split]["accuracy"] = m[f"{split}_accuracy"]
-            elif cfg.task == "chat":
+            elif cfg.task == "chat" and BUILTIN_DATA.get(cfg.data, (None, True))[1]:
                 score, answers = exact_match(model, tokenizer, dataset.items)
                 result[split]["exact_match"] = score
                 generations[when] = answers
