@@ -145,6 +145,14 @@ class DropBackward:
         self._param_ids = {id(p) for b in branches for p in b.parameters()}
         self.next_pattern()
 
+    def __deepcopy__(self, memo):
+        # The wrapped forwards are closures over the original modules: a copy would silently
+        # compute with the original's branches.
+        raise PacaError(
+            "a model with paca.drop_backward cannot be copied: call "
+            "paca.remove_drop_backward(model) first, copy, then paca.drop_backward on each"
+        )
+
     @property
     def rate(self) -> float:
         """The FLOP-weighted mean drop rate."""

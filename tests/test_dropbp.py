@@ -224,7 +224,14 @@ def test_sensitivities_measure_and_leave_the_model_as_it_was():
 
 
 def test_bad_input_names_the_fix():
+    import copy
+
     model = _adapted()
+    paca.drop_backward(model, rate=0.5)
+    with pytest.raises(paca.PacaError, match="remove_drop_backward"):
+        copy.deepcopy(model)
+    paca.remove_drop_backward(model)
+    copy.deepcopy(model)
     with pytest.raises(paca.PacaError, match="rate=1.5"):
         paca.drop_backward(model, rate=1.5)
     from conftest import tiny_bert_classifier

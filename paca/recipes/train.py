@@ -342,7 +342,8 @@ CONTINUE = "Continue this docstring from Python's {module} module:"
 def continue_rows(rows: list[dict], longest: int = 200) -> list[dict]:
     """The second embedded task, with longer answers: a docstring's first sentence and its
     module in, the next sentences out (whole sentences, at least one, ``longest`` characters at
-    most; docstrings whose second sentence is longer are left out). Scored by the loss on the answers, not by exact match."""
+    most; docstrings whose second sentence is longer are left out). Scored by the loss on the
+    answers, not by exact match."""
     out = []
     for r in rows:
         sentences = re.split(r"(?<=[.!?])\s+", r["text"].strip())
