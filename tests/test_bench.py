@@ -38,6 +38,11 @@ def test_quick_run_has_every_method_and_the_schema(quick_report):
 def test_quick_run_structure_paca_against_lora(quick_report):
     rows = quick_report[0]["methods"]
     assert rows["frozen"]["trainable_params"] == 0
+    # the A/A copy: the same model, the same saved bytes and ops; only its time differs
+    aa = rows["frozen-aa"]
+    assert (aa["saved_bytes"], aa["aten_ops"], aa["trainable_params"]) == (
+        rows["frozen"]["saved_bytes"], rows["frozen"]["aten_ops"], 0
+    )  # fmt: skip
     assert rows["paca"]["saved_bytes"] < rows["lora"]["saved_bytes"]
     assert rows["paca"]["saved_bytes"] >= rows["frozen"]["saved_bytes"]
     assert 0 < rows["paca"]["extra_ops"] < rows["lora"]["extra_ops"]

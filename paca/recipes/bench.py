@@ -35,7 +35,19 @@ from paca.errors import MissingDependency, PacaError
 from paca.recipes.loading import dtype_argument
 from paca.targets import DEFAULT_TARGETS
 
-METHODS = ("frozen", "paca", "paca-additive", "lora", "dora", "full", "paca-dropbp", "lora-dropbp")
+METHODS = (
+    "frozen",
+    "paca",
+    "paca-additive",
+    "lora",
+    "dora",
+    "full",
+    "paca-dropbp",
+    "lora-dropbp",
+    "frozen-aa",
+)
+# "frozen-aa" is a second copy of the frozen model: its "x frozen" is the noise of the ratios on
+# this machine (an A/A comparison), measured in the same rounds as everything else
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 OPTIMIZERS = ("single", "foreach", "fused")
 # named workloads: shapes of a real model built from a config (random weights)
@@ -64,7 +76,8 @@ class BenchConfig:
         alpha (float): PaCA and LoRA alpha.
         dtype (str): ``float32`` or ``bfloat16`` weights.
         device (str): ``cpu``, ``cuda``, ``hpu`` or ``auto``.
-        methods (list[str]): a subset of ``METHODS``; ``dora`` is skipped if peft lacks it.
+        methods (list[str]): a subset of ``METHODS``; ``dora`` is skipped if peft lacks it;
+            ``frozen-aa`` (a second frozen copy) shows the noise of the ratios.
         rounds (int): timed rounds (each method one step per round).
         warmup (int): untimed rounds first.
         peak_memory (bool): measure each method's peak memory in its own subprocess.
@@ -197,7 +210,7 @@ def prepare(method: str, base: nn.Module, cfg: BenchConfig, device: torch.device
     """``base`` (or a copy) set up for ``method``, and its optimizer (``None`` for frozen)."""
     model = copy.deepcopy(base) if copy_model else base
     targets = _targets(base)
-    if method == "frozen":
+    if method in ("frozen", "frozen-aa"):
         model.requires_grad_(False)
     elif method in ("paca", "paca-additive", "paca-dropbp"):
         mode = "additive" if method == "paca-additive" else "auto"
