@@ -5,7 +5,7 @@ PaCA r8, PaCA r16 (= LoRA r8's trainable parameters), LoRA r8 and full fine-tuni
 projections, the same step budget; the zero-shot base is every run's "before".
 
 1. Learning-rate sweep, seed 0, scored on the whole validation split (271 examples); a best
-   rate at an edge of the sweep extends it by a factor of 2 that way (twice at most).
+   rate at an edge of the sweep extends it by a factor of 2 that way (four times at most).
 2. The best rate on seeds 0, 1, 2, scored on the whole test split (632 examples).
 3. PaCA r16 and LoRA r8 with DropBP at rate 0.5 (``paca.drop_backward``), at the rate chosen for
    each method alone, seeds 0, 1, 2 on the test split.
@@ -101,7 +101,7 @@ def main() -> None:
         sweep = {lr: score(train(method, r, alpha, lr, 0, "validation"), "validation")
                  for lr in rates}  # fmt: skip
         best = max(sweep, key=sweep.get)
-        for _ in range(2):
+        for _ in range(4):
             if best not in (min(sweep), max(sweep)):
                 break
             lr = best * 2 if best == max(sweep) else best / 2
