@@ -134,10 +134,18 @@ def allocate_rates(
 class DropBackward:
     """The DropBP state of one model (``model.paca_drop_backward``)."""
 
-    def __init__(self, model: nn.Module, branches: list[Branch], seed: int, patterns: int | None):
+    def __init__(
+        self,
+        model: nn.Module,
+        branches: list[Branch],
+        seed: int,
+        patterns: int | None,
+        max_rate: float = 0.9,
+    ):
         self.model = weakref.ref(model)
         self.branches = branches
         self.seed = seed
+        self.max_rate = max_rate
         self.steps = 0  # optimizer steps seen
         self._patterns = patterns
         self.patterns = self._fixed_patterns()
@@ -203,6 +211,16 @@ class DropBackward:
             branch.rate = float(value)
         self.patterns = self._fixed_patterns()
         self.next_pattern()
+
+    def set_sensitivity(self, sensitivity: Mapping[str, float]) -> None:
+        """Per-branch rates from ``{branch name: sensitivity}`` (``allocate_rates``), keeping
+        the FLOP-weighted mean rate."""
+        scores = [float(sensitivity.get(b.name, math.nan)) for b in self.branches]
+        missing = [b.name for b, s in zip(self.branches, scores, strict=True) if math.isnan(s)]
+        if missing:
+            raise PacaError(f"sensitivity has no value for {missing[:3]} (of {len(missing)})")
+        flops = [b.flops for b in self.branches]
+        self.set_rates(allocate_rates(self.rate, flops, scores, self.max_rate))
 
     def owns(self, optimizer) -> bool:
         return any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
@@ -345,7 +363,7 @@ def drop_backward(
         remove_drop_backward(model)
     for branch in branches:
         branch.rate = rate
-    controller = DropBackward(model, branches, seed, patterns)
+    controller = DropBackward(model, branches, seed, patterns, max_rate)
     controller.install()
     model.__dict__[ATTRIBUTE] = controller
     _CONTROLLERS.add(controller)
@@ -357,12 +375,11 @@ def drop_backward(
     if sensitivity is not None:
         if all(isinstance(v, torch.Tensor) for v in sensitivity.values()):
             sensitivity = sensitivities(model, sensitivity)
-        scores = [float(sensitivity.get(b.name, math.nan)) for b in branches]
-        missing = [b.name for b, s in zip(branches, scores, strict=True) if math.isnan(s)]
-        if missing:
+        try:
+            controller.set_sensitivity(sensitivity)
+        except PacaError:
             remove_drop_backward(model)
-            raise PacaError(f"sensitivity has no value for {missing[:3]} (of {len(missing)})")
-        controller.set_rates(allocate_rates(rate, [b.flops for b in branches], scores, max_rate))
+            raise
     return model
 
 

@@ -177,11 +177,23 @@ def test_causal_lm_loss_falls_and_the_adapter_generates(tmp_path, tiny_llama_fol
 def test_resume_after_an_interruption_gives_the_uninterrupted_adapter(
     tmp_path, tiny_llama_folder, monkeypatch
 ):
-    from paca.integrations.hf import Trainer
-
     argv = _lm_argv(tmp_path, tiny_llama_folder)
     argv += ["--max-steps", "6", "--save-steps", "3", "--batch-size", "4", "--lr", "1e-2"]
     assert main([*argv, "--output", str(tmp_path / "straight")]) == 0
+
+    out = tmp_path / "out"
+    _interrupt_in_step_5(argv, out, monkeypatch)
+    checkpoint = tmp_path / ".out.partial" / "checkpoints" / "checkpoint-3"
+    assert (checkpoint / "adapter.safetensors").is_file() and not out.exists()
+    assert not list(checkpoint.glob("model*.safetensors"))  # the adapter, not the model
+    assert main([*argv, "--output", str(out), "--resume"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 6
+    _assert_same_adapter(out, tmp_path / "straight")
+
+
+def _interrupt_in_step_5(argv, out, monkeypatch):
+    """``paca train argv --output out``, killed in step 5 (after the checkpoint of step 3)."""
+    from paca.integrations.hf import Trainer
 
     class Interrupted(Exception):
         pass
@@ -191,21 +203,14 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_adapter(
 
     def crashing_step(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 5:  # in step 5, after the checkpoint of step 3
+        if len(calls) == 5:
             raise Interrupted
         return step(self, *args, **kwargs)
 
-    out = tmp_path / "out"
     with monkeypatch.context() as patch:
         patch.setattr(Trainer, "training_step", crashing_step)
         with pytest.raises(Interrupted):
             main([*argv, "--output", str(out)])
-    checkpoint = tmp_path / ".out.partial" / "checkpoints" / "checkpoint-3"
-    assert (checkpoint / "adapter.safetensors").is_file() and not out.exists()
-    assert not list(checkpoint.glob("model*.safetensors"))  # the adapter, not the model
-    assert main([*argv, "--output", str(out), "--resume"]) == 0
-    assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 6
-    _assert_same_adapter(out, tmp_path / "straight")
 
 
 def _lm_argv(tmp_path, folder):
@@ -353,8 +358,6 @@ def test_each_task_has_its_own_defaults():
 def test_drop_backward_resumes_exactly_and_measures_sensitivity(
     tmp_path, tiny_llama_folder, monkeypatch
 ):
-    from paca.integrations.hf import Trainer
-
     argv = _lm_argv(tmp_path, tiny_llama_folder)
     argv += ["--max-steps", "6", "--save-steps", "3", "--batch-size", "4", "--lr", "1e-2"]
     argv += ["--drop-backward", "0.5"]
@@ -362,23 +365,8 @@ def test_drop_backward_resumes_exactly_and_measures_sensitivity(
     metrics = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     assert metrics["drop_backward"]["rate"] == pytest.approx(0.5)
 
-    class Interrupted(Exception):
-        pass
-
-    calls = []
-    step = Trainer.training_step
-
-    def crashing_step(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise Interrupted
-        return step(self, *args, **kwargs)
-
     out = tmp_path / "out"
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "training_step", crashing_step)
-        with pytest.raises(Interrupted):
-            main([*argv, "--output", str(out)])
+    _interrupt_in_step_5(argv, out, monkeypatch)
     assert main([*argv, "--output", str(out), "--resume"]) == 0
     _assert_same_adapter(out, tmp_path / "straight")  # the same drop patterns after the resume
     plain = [a for a in argv if a not in ("--drop-backward", "0.5")]

@@ -218,7 +218,7 @@ class DropBackwardCallback(transformers.TrainerCallback):
     uninterrupted one would have dropped. With ``sensitivity_at`` (a fraction of ``max_steps``,
     DropBP's authors use about 0.1), the callback measures every branch's sensitivity once, at
     that step, on the step's last micro-batch, and sets per-branch rates with the same
-    FLOP-weighted mean (``paca.dropbp.allocate_rates``). Costs one forward and backward per
+    FLOP-weighted mean (``DropBackward.set_sensitivity``). Costs one forward and backward per
     branch, once.
     """
 
@@ -258,9 +258,7 @@ class DropBackwardCallback(transformers.TrainerCallback):
             self._hook.remove()
             batch, self._batch = self._batch, None
             self.sensitivity = dropbp.sensitivities(model, batch)
-            flops = [b.flops for b in controller.branches]
-            scores = [self.sensitivity[b.name] for b in controller.branches]
-            controller.set_rates(dropbp.allocate_rates(controller.rate, flops, scores))
+            controller.set_sensitivity(self.sensitivity)
         if controller.steps != state.global_step:  # an optimizer step was skipped (fp16 overflow)
             controller.steps = state.global_step
             controller.next_pattern()
