@@ -60,7 +60,9 @@ def _bench_parser(sub) -> None:
         "--preset",
         choices=list(bench.PRESETS),
         default=None,
-        help="a named workload (smollm2: SmolLM2-135M's layer shapes); other flags override it",
+        help="a named workload (smollm2: SmolLM2-135M's layer shapes; overhead: its depth at "
+        "tiny width, where per-layer dispatch and Python dominate, as on a GPU); other flags "
+        "override it",
     )
     p.add_argument(
         "--optim",

@@ -33,15 +33,48 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
     # free of data-dependent guards (torch.compile) and of per-call copies.
     if not _LAYERS:
         return
+    layers = []
     for group in optimizer.param_groups:
         for param in group["params"]:
             if param.grad is None:  # every torch.optim optimizer leaves such a parameter as is
                 continue
             layer = _LAYERS.get(id(param))
-            if layer is not None and layer.active_adapter is not None and layer.delta is param:
-                # force: fused optimizers (torch.optim.AdamW(fused=True), the HF Trainer's
-                # default "adamw_torch_fused") update parameters without bumping _version.
-                layer.sync_weight(force=True)
+            if layer is not None and layer._written() and layer.delta is param:
+                layers.append(layer)
+    # force: fused optimizers (torch.optim.AdamW(fused=True), the HF Trainer's default
+    # "adamw_torch_fused") update parameters without bumping _version.
+    write_columns(layers)
+
+
+def write_columns(layers: list[PacaLinear]) -> None:
+    """Merged mode: writes ``W0[:, idx] + scaling * delta`` of each layer's active adapter into
+    its weight, all layers in one batch (the optimizer step hook and ``paca.sync_weights``).
+
+    One ``torch._foreach_add`` per scaling computes every layer's columns, then one write per
+    layer, under one ``no_grad``: less Python per layer than a loop of ``sync_weight`` calls
+    (`paca bench --preset overhead`, where the step's per-layer costs show).
+    """
+    layers = [layer for layer in layers if layer._written()]
+    if not layers:
+        return
+    adapters = [layer.active for layer in layers]
+    groups: dict[float, list[int]] = {}
+    for i, adapter in enumerate(adapters):
+        groups.setdefault(adapter.scaling, []).append(i)
+    cols: list[torch.Tensor | None] = [None] * len(layers)
+    with torch.no_grad():
+        for scaling, members in groups.items():
+            deltas = [adapters[i].delta for i in members]
+            bases = [adapters[i].base_cols for i in members]
+            bases = [
+                b if b.dtype == d.dtype else b.to(d.dtype)
+                for b, d in zip(bases, deltas, strict=True)
+            ]
+            for i, c in zip(members, torch._foreach_add(bases, deltas, alpha=scaling), strict=True):
+                cols[i] = c  # (out, r): base + scaling * delta, one rounding as torch.add
+        for layer, adapter, c in zip(layers, adapters, cols, strict=True):
+            layer._write_cols(adapter.idx, c)  # write_cols_ casts to the weight's dtype
+            adapter.synced_version = adapter.delta._version
 
 
 def _before_optimizer_step(optimizer, args, kwargs) -> None:
@@ -220,11 +253,12 @@ class PacaLinear(nn.Module):
     def _write_cols(self, idx: torch.Tensor, cols: torch.Tensor) -> None:
         """Writes ``(out, r)`` columns into the base weight at ``idx``."""
         weight = self.base_layer.weight
+        write = ops.kernels(weight)["write_cols_"]
         with torch.no_grad():
             if self.transposed:
-                ops.write_cols_(weight, idx, cols.t().contiguous(), 0)
+                write(weight, idx, cols.t().contiguous(), 0)
             else:
-                ops.write_cols_(weight, idx, cols, 1)
+                write(weight, idx, cols, 1)
 
     def _written(self) -> bool:
         """Whether the weight currently holds the active adapter's columns."""
@@ -242,17 +276,8 @@ class PacaLinear(nn.Module):
 
     def sync_weight(self, force: bool = False) -> None:
         """Merged mode: re-writes the trained columns if ``delta`` changed since the last write."""
-        if not self._written():
-            return
-        adapter = self.active
-        if force or adapter.delta._version != adapter.synced_version:
-            delta, base_cols = adapter.delta, adapter.base_cols
-            with torch.no_grad():  # one fused op: base + scaling * delta
-                if base_cols.dtype != delta.dtype:
-                    base_cols = base_cols.to(delta.dtype)
-                cols = torch.add(base_cols, delta, alpha=adapter.scaling)
-            self._write_cols(adapter.idx, cols)  # write_cols_ casts to the weight's dtype
-            adapter.synced_version = adapter.delta._version
+        if self._written() and (force or self.delta._version != self.active.synced_version):
+            write_columns([self])
 
     def restore_base(self) -> None:
         """Merged mode: puts ``W0[:, idx]`` of the active adapter back (bit-exact)."""

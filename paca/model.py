@@ -26,7 +26,7 @@ from paca._moved import forward
 from paca.base_layer import describe, is_linear, is_quantized, layer_device, linear_shape
 from paca.config import PacaConfig
 from paca.errors import PacaError
-from paca.layer import PacaAdapter, PacaLinear, TrainedCopy
+from paca.layer import PacaAdapter, PacaLinear, TrainedCopy, write_columns
 from paca.selection import STRATEGIES, column_scores, get_strategy, select_columns
 from paca.state import PacaState
 from paca.targets import find_targets, resolve_trainable
@@ -669,8 +669,7 @@ def sync_weights(model: nn.Module) -> nn.Module:
     """
     if not _require_adapters(model, "sync"):
         return model
-    for _, layer in paca_layers(model):
-        layer.sync_weight(force=True)
+    write_columns([layer for _, layer in paca_layers(model)])
     return model
 
 

@@ -16,6 +16,8 @@ The two autograd functions at the bottom are the whole PaCA layer math:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -132,9 +134,29 @@ REFERENCE = {
 }
 
 
+# The same kernels by device type, for eager calls from the autograd functions below: the
+# dispatcher's round trip from C++ back into a Python kernel cost about 2 us per gather and 5 us
+# per partial_grad (tight loops, 2 cores), per layer and step; `paca bench --preset overhead`
+# measures such per-layer costs. While compiling, the torch.library ops are called instead, so a
+# graph holds one node per op.
+_EAGER: dict[str, dict[str, Callable]] = {}
+
+
 def register_kernel(name: str, device_type: str, kernel) -> None:
     """Registers a backend's kernel for ``paca::<name>`` on one device type."""
     torch.library.impl(f"paca::{name}", device_type, kernel, lib=_lib)
+    _EAGER.setdefault(device_type, dict(REFERENCE))[name] = kernel
+
+
+def kernels(tensor: Tensor) -> dict[str, Callable]:
+    """The kernels for ``tensor``'s device: op name -> callable, each taking the op's arguments.
+
+    The backend's own kernels, the reference kernel for the ops it leaves out (or for a device
+    without a loaded backend), or the dispatcher's ops while ``torch.compile`` traces.
+    """
+    if torch.compiler.is_compiling():
+        return OPS
+    return _EAGER.get(tensor.device.type, REFERENCE)
 
 
 class _MergedLinear(torch.autograd.Function):
@@ -144,7 +166,7 @@ class _MergedLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, delta, idx, scaling, transposed):
         w = weight.t() if transposed else weight  # (out, in), a view for Conv1D
         # gathered before the GEMM, while x is still in cache from the op that wrote it
-        x_idx = gather_cols(x, idx)  # (..., r): all the backward needs of x
+        x_idx = kernels(x)["gather_cols"](x, idx)  # (..., r): all the backward needs of x
         y = F.linear(x, w, bias)
         ctx.save_for_backward(x_idx, weight)
         ctx.scaling = scaling
@@ -163,7 +185,7 @@ class _MergedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         if ctx.needs_input_grad[3]:
-            grad_delta = partial_grad(grad_out, x_idx, ctx.scaling)
+            grad_delta = kernels(grad_out)["partial_grad"](grad_out, x_idx, ctx.scaling)
         return grad_x, None, grad_bias, grad_delta, None, None, None
 
 
@@ -200,7 +222,7 @@ class _PartialLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base_out, x, delta, idx, scaling):
         dtype = base_out.dtype
-        x_idx = gather_cols(x, idx).to(dtype)  # (..., r)
+        x_idx = kernels(x)["gather_cols"](x, idx).to(dtype)  # (..., r)
         w = (delta * scaling).to(dtype)  # (out, r)
         out = base_out.shape[-1]
         y = torch.addmm(base_out.reshape(-1, out), x_idx.reshape(-1, idx.shape[0]), w.t())
@@ -214,11 +236,12 @@ class _PartialLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x_idx, delta, idx = ctx.saved_tensors
         grad_x = grad_delta = None
+        kernel = kernels(grad_out)
         if ctx.needs_input_grad[1]:
             w = (delta * ctx.scaling).to(grad_out.dtype)
-            grad_x = scatter_cols(grad_out @ w, idx, ctx.in_features).to(ctx.x_dtype)
+            grad_x = kernel["scatter_cols"](grad_out @ w, idx, ctx.in_features).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
-            grad_delta = partial_grad(grad_out, x_idx, ctx.scaling)
+            grad_delta = kernel["partial_grad"](grad_out, x_idx, ctx.scaling)
         return grad_out, grad_x, grad_delta, None, None
 
 

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
@@ -172,3 +173,37 @@ def test_device_resolution_errors():
     with pytest.raises(ValueError, match="has no paca backend"):
         backends.resolve_device("meta")
     assert backends.resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_kernel_table_is_the_registered_kernels(backend):
+    # ops.kernels skips the dispatcher in eager mode: it must hand out exactly the kernels the
+    # dispatcher would run, the backend's own or the reference
+    module = backends.load(backend)
+    like = types.SimpleNamespace(device=torch.device(backend))  # no device is touched
+    table = ops.kernels(like)
+    assert set(table) == set(ops.OPS)
+    for name in ops.OPS:
+        assert table[name] is module.KERNELS.get(name, ops.REFERENCE[name]), (backend, name)
+    assert ops.kernels(torch.empty(1, device="meta")) is ops.REFERENCE  # no backend: reference
+
+
+def test_compiled_graphs_call_the_ops_through_the_dispatcher():
+    seen = []
+
+    def backend(gm, example_inputs):
+        for module in gm.modules():
+            graph = getattr(module, "graph", None)
+            if graph is not None:
+                seen.extend(str(n.target) for n in graph.nodes if n.op == "call_function")
+        return gm
+
+    x, idx, g, weight, cols = _samples(torch.float32)
+    x.requires_grad_(True)
+    delta = torch.zeros_like(cols, requires_grad=True)
+    compiled = torch.compile(ops.merged_linear, backend=backend, fullgraph=True)
+    compiled(x, weight, None, delta, idx, 2.0).sum().backward()
+    assert "paca.gather_cols.default" in seen and "paca.partial_grad.default" in seen, seen
+    torch.testing.assert_close(
+        delta.grad, 2.0 * g.new_ones(2, 5, 8).flatten(0, 1).t() @ x.detach()[..., idx].flatten(0, 1)
+    )
