@@ -54,27 +54,30 @@ def write_columns(layers: list[PacaLinear]) -> None:
     layer, under one ``no_grad``: less Python per layer than a loop of ``sync_weight`` calls
     (`paca bench --preset overhead`, where the step's per-layer costs show).
     """
-    layers = [layer for layer in layers if layer._written()]
-    if not layers:
-        return
-    adapters = [layer.active for layer in layers]
+    written = [(layer, layer.active) for layer in layers if layer._written()]
     groups: dict[float, list[int]] = {}
-    for i, adapter in enumerate(adapters):
+    for i, (_, adapter) in enumerate(written):
         groups.setdefault(adapter.scaling, []).append(i)
-    cols: list[torch.Tensor | None] = [None] * len(layers)
+    cols: list[torch.Tensor | None] = [None] * len(written)
     with torch.no_grad():
         for scaling, members in groups.items():
-            deltas = [adapters[i].delta for i in members]
-            bases = [adapters[i].base_cols for i in members]
+            deltas = [written[i][1].delta for i in members]
+            bases = [written[i][1].base_cols for i in members]
             bases = [
                 b if b.dtype == d.dtype else b.to(d.dtype)
                 for b, d in zip(bases, deltas, strict=True)
             ]
             for i, c in zip(members, torch._foreach_add(bases, deltas, alpha=scaling), strict=True):
                 cols[i] = c  # (out, r): base + scaling * delta, one rounding as torch.add
-        for layer, adapter, c in zip(layers, adapters, cols, strict=True):
-            layer._write_cols(adapter.idx, c)  # write_cols_ casts to the weight's dtype
-            adapter.synced_version = adapter.delta._version
+        for (layer, adapter), c in zip(written, cols, strict=True):
+            weight = layer.base_layer.weight
+            write = ops.kernels(weight)["write_cols_"]  # casts to the weight's dtype
+            if layer.transposed:
+                write(weight, adapter.idx, c.t().contiguous(), 0)
+            else:
+                write(weight, adapter.idx, c, 1)
+            # a plain attribute: nn.Module.__setattr__'s checks cost more than the write here
+            vars(adapter)["synced_version"] = adapter.delta._version
 
 
 def _before_optimizer_step(optimizer, args, kwargs) -> None:
