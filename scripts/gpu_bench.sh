@@ -6,7 +6,8 @@
 #
 # 1. the device tests on the device's tensors (tests/test_device.py: ops, training against CPU,
 #    float64 exactness, DropBP), then the whole suite unless SUITE=0;
-# 2. paca bench, bf16, AdamW fused: the default shape and the SmolLM2 shape, for frozen, PaCA,
+# 2. paca bench, bf16, AdamW fused: the default shape, the SmolLM2 shape and the overhead preset
+#    (SmolLM2's depth at tiny width: per-layer launch and Python costs alone), for frozen, PaCA,
 #    LoRA, PaCA + DropBP 0.5 and LoRA + DropBP 0.5, peak device memory per method;
 # 3. table.md: both tables under the machine's name (GPU, driver, torch).
 set -euo pipefail
@@ -29,7 +30,7 @@ if [ "${SUITE:-1}" = 1 ]; then
   python -m pytest -q -x 2>&1 | tail -3 | tee "$OUT/suite.txt"
 fi
 
-for preset in default smollm2; do
+for preset in default smollm2 overhead; do
   if [ "${QUICK:-0}" = 1 ]; then
     shape=(--quick)
   else
@@ -46,7 +47,7 @@ from pathlib import Path
 
 out = Path(sys.argv[1])
 lines = [f"# paca bench on {(out / 'machine.txt').read_text().strip()}", ""]
-for preset in ("default", "smollm2"):
+for preset in ("default", "smollm2", "overhead"):
     lines += [(out / f"bench-{preset}" / "bench.md").read_text(), ""]
 (out / "table.md").write_text("\n".join(lines))
 print(f"wrote {out / 'table.md'}")

@@ -175,3 +175,13 @@ def test_preset_sets_the_shape_and_flags_override_it(tmp_path, monkeypatch):
     with pytest.raises(Seen):
         main(["bench", "--preset", "smollm2", "--layers", "3", "--optim", "fused"])
     assert (seen["cfg"].hidden, seen["cfg"].layers, seen["cfg"].optim) == (576, 3, "fused")
+
+
+def test_overhead_preset_runs_tiny_layers_at_depth(tmp_path):
+    # the preset's point is depth at negligible width: each method's per-layer costs alone
+    cfg = bench.BenchConfig.preset("overhead", layers=2, rounds=1, peak_memory=False)
+    assert (cfg.hidden, cfg.seq, cfg.vocab) == (64, 16, 256)
+    cfg.methods, cfg.output = ["frozen", "paca"], str(tmp_path)
+    report = bench.run(cfg, progress=False)["methods"]
+    assert report["frozen"]["x_frozen"] == 1.0 and report["paca"]["step_ms"] > 0
+    assert report["paca"]["extra_ops"] > 0  # the gather, grad_delta GEMM, write, optimizer
