@@ -70,12 +70,7 @@ def write_columns(layers: list[PacaLinear]) -> None:
             for i, c in zip(members, torch._foreach_add(bases, deltas, alpha=scaling), strict=True):
                 cols[i] = c  # (out, r): base + scaling * delta, one rounding as torch.add
         for (layer, adapter), c in zip(written, cols, strict=True):
-            weight = layer.base_layer.weight
-            write = ops.kernels(weight)["write_cols_"]  # casts to the weight's dtype
-            if layer.transposed:
-                write(weight, adapter.idx, c.t().contiguous(), 0)
-            else:
-                write(weight, adapter.idx, c, 1)
+            layer._write_cols(adapter.idx, c)  # write_cols_ casts to the weight's dtype
             # a plain attribute: nn.Module.__setattr__'s checks cost more than the write here
             vars(adapter)["synced_version"] = adapter.delta._version
 

@@ -4,7 +4,9 @@ Each op is declared once here (``torch.library``) with its pure-torch reference 
 serves any device without a kernel of its own, and its fake kernel (shapes and dtypes only)
 right below it. Device kernels live in ``paca/backends/``. Output shapes
 depend only on input shapes: no masks, no ``.item()``, no host syncs, so Gaudi graphs stay static
-and ``torch.compile(fullgraph=True)`` sees no graph break.
+and ``torch.compile(fullgraph=True)`` sees no graph break. The autograd functions call the
+kernels of the tensor's device directly (``kernels``), eager and compiled; the dispatcher's
+``torch.ops.paca.*`` serve every other caller and are what ``torch.library.opcheck`` checks.
 
 The two autograd functions at the bottom are the whole PaCA layer math:
 
@@ -134,29 +136,30 @@ REFERENCE = {
 }
 
 
-# The same kernels by device type, for eager calls from the autograd functions below: the
-# dispatcher's round trip from C++ back into a Python kernel cost about 2 us per gather and 5 us
-# per partial_grad (tight loops, 2 cores), per layer and step; `paca bench --preset overhead`
-# measures such per-layer costs. While compiling, the torch.library ops are called instead, so a
-# graph holds one node per op.
-_EAGER: dict[str, dict[str, Callable]] = {}
+# The same kernels by device type, called straight from the autograd functions below. Eager, this
+# skips the dispatcher's round trip from C++ back into a Python kernel (about 2 us per gather and
+# 5 us per partial_grad in tight loops, 2 cores). Compiled, torch.compile traces the kernels
+# (torch code) into the graph instead of calling an opaque op from it: on the overhead preset
+# (`paca bench --preset overhead --compile`) PaCA went from 2.74x to 1.97x the frozen step, on
+# the SmolLM2 shape from 1.076x to 1.047x (docs/benchmarks.md). A backend kernel that is not torch
+# code should call its own registered op, which the trace then keeps as one node.
+_BY_DEVICE: dict[str, dict[str, Callable]] = {}
 
 
 def register_kernel(name: str, device_type: str, kernel) -> None:
     """Registers a backend's kernel for ``paca::<name>`` on one device type."""
     torch.library.impl(f"paca::{name}", device_type, kernel, lib=_lib)
-    _EAGER.setdefault(device_type, dict(REFERENCE))[name] = kernel
+    _BY_DEVICE.setdefault(device_type, dict(REFERENCE))[name] = kernel
 
 
 def kernels(tensor: Tensor) -> dict[str, Callable]:
     """The kernels for ``tensor``'s device: op name -> callable, each taking the op's arguments.
 
-    The backend's own kernels, the reference kernel for the ops it leaves out (or for a device
-    without a loaded backend), or the dispatcher's ops while ``torch.compile`` traces.
+    The backend's own kernels, and the reference kernel for the ops it leaves out (or for every
+    op on a device without a loaded backend): exactly what the dispatcher would run for
+    ``torch.ops.paca.<name>``, without the trip through it.
     """
-    if torch.compiler.is_compiling():
-        return OPS
-    return _EAGER.get(tensor.device.type, REFERENCE)
+    return _BY_DEVICE.get(tensor.device.type, REFERENCE)
 
 
 class _MergedLinear(torch.autograd.Function):

@@ -188,7 +188,9 @@ def test_eager_kernel_table_is_the_registered_kernels(backend):
     assert ops.kernels(torch.empty(1, device="meta")) is ops.REFERENCE  # no backend: reference
 
 
-def test_compiled_graphs_call_the_ops_through_the_dispatcher():
+def test_compiled_graphs_trace_the_kernels():
+    # torch.compile sees the kernels' own ATen ops (which it can fuse and generate code for),
+    # not an opaque call back into Python
     seen = []
 
     def backend(gm, example_inputs):
@@ -203,7 +205,8 @@ def test_compiled_graphs_call_the_ops_through_the_dispatcher():
     delta = torch.zeros_like(cols, requires_grad=True)
     compiled = torch.compile(ops.merged_linear, backend=backend, fullgraph=True)
     compiled(x, weight, None, delta, idx, 2.0).sum().backward()
-    assert "paca.gather_cols.default" in seen and "paca.partial_grad.default" in seen, seen
-    torch.testing.assert_close(
-        delta.grad, 2.0 * g.new_ones(2, 5, 8).flatten(0, 1).t() @ x.detach()[..., idx].flatten(0, 1)
-    )
+    assert not [t for t in seen if t.startswith("paca.")], seen
+    assert any("index_select" in t for t in seen), seen
+    x_idx = x.detach()[..., idx].flatten(0, 1)  # (tokens, r)
+    expected = 2.0 * torch.ones(10, 8).t() @ x_idx  # the output gradient is all ones
+    torch.testing.assert_close(delta.grad, expected)
