@@ -264,3 +264,28 @@ def test_merged_columns_follow_every_optimizer_implementation(optimizer_kwargs):
     with torch.no_grad():
         y_ref, *_ = dense_reference(x, w0, b0, idx, layer.delta, layer.scaling)
         torch.testing.assert_close(layer(x).double(), y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_one_optimizer_step_writes_every_layer_with_its_own_scaling():
+    # the step hook batches the writes of all layers an optimizer owns, grouped by scaling:
+    # Linear and Conv1D (transposed) layers with different alphas in one optimizer
+    layers = []
+    for seed, (kind, alpha) in enumerate([("linear", 8.0), ("conv1d", 8.0), ("linear", 2.0)]):
+        layer, w0, _, idx = make_layer(kind, "merged", seed=seed)
+        layer.adapters["default"].alpha = alpha
+        layer.adapters["default"].scaling = alpha / R
+        layers.append((layer, w0, idx))
+    opt = torch.optim.SGD([layer.delta for layer, _, _ in layers], lr=0.5)
+    x = torch.randn(3, IN, dtype=torch.float64)
+    sum(layer(x).square().sum() for layer, _, _ in layers).backward()
+    opt.step()
+    for layer, w0, idx in layers:
+        weight = layer.base_layer.weight
+        weight = weight.t() if layer.transposed else weight  # (out, in)
+        expected = w0.index_copy(1, idx, w0[:, idx] + layer.scaling * layer.delta.detach())
+        torch.testing.assert_close(weight, expected, rtol=1e-12, atol=1e-12)
+    # restoring gives the base weight back bit for bit
+    for layer, w0, _ in layers:
+        layer.restore_base()
+        weight = layer.base_layer.weight
+        assert torch.equal(weight.t() if layer.transposed else weight, w0)
