@@ -7,12 +7,13 @@ projections, the same step budget; the zero-shot base is every run's "before".
 1. Learning-rate sweep, seed 0, scored on the whole validation split (271 examples); a best
    rate at an edge of the sweep extends it by a factor of 2 that way (four times at most).
 2. The best rate on seeds 0, 1, 2, scored on the whole test split (632 examples).
-3. PaCA r16 and LoRA r8 with DropBP at rate 0.5 (``paca.drop_backward``), at the rate chosen for
-   each method alone, seeds 0, 1, 2 on the test split; PaCA r16 with DropBP also for 140 steps,
-   about the wall time of PaCA's 100 (its steps take about 0.7x as long: docs/benchmarks.md).
-4. The second task (``--data docstring-continue``: a docstring's next sentences, scored by the
+3. The second task (``--data docstring-continue``: a docstring's next sentences, scored by the
    loss on the answers of the whole test split), PaCA r16 and LoRA r8 at the rate each chose on
    the first task, seeds 0, 1, 2.
+4. PaCA r16 and LoRA r8 with DropBP at rate 0.5 (``paca.drop_backward``), at the rate chosen for
+   each method alone, seeds 0, 1, 2 on the test split; PaCA r16 with DropBP also for 140 steps,
+   about the wall time of PaCA's 100 (its steps take about 0.7x as long: docs/benchmarks.md),
+   and with the authors' per-branch rates from measured sensitivity (``--drop-sensitivity``).
 
 Resolution: one run's exact match on 632 test examples has a standard error of about
 sqrt(p (1 - p) / 632), 1.6 points at p = 0.8 (95% interval about +-3.1 points); two methods are
@@ -33,33 +34,50 @@ Never run in CI.
 import argparse
 import fcntl
 import json
+import re
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from paca.recipes.train import TrainConfig, run
 
-# (name, method, r, alpha, learning rates to sweep or the configuration whose chosen rate to use,
-# DropBP rate, steps (None: --steps), data (None: the exact-match task))
+
+class Config(NamedTuple):
+    """One configuration of the study."""
+
+    name: str
+    method: str
+    r: int
+    alpha: float
+    rates: list[float] | str  # learning rates to sweep, or the configuration whose rate to use
+    drop: float = 0.0  # DropBP rate
+    steps: int | None = None  # None: --steps
+    data: str | None = None  # None: the exact-match task
+    sensitivity: bool = False  # DropBP rates from the branches' sensitivity (at 10% of steps)
+
+
 PACA16 = "PaCA r16 (= LoRA r8 params)"
 CONFIGS = [
-    (PACA16, "paca", 16, 32, [1.25e-3, 2.5e-3, 5e-3], 0.0, None, None),
-    ("PaCA r8", "paca", 8, 16, [2.5e-3, 5e-3, 1e-2], 0.0, None, None),
-    ("LoRA r8", "lora", 8, 16, [2.5e-4, 5e-4, 1e-3], 0.0, None, None),
-    ("full fine-tuning", "full", 8, 16, [2.5e-5, 5e-5, 1e-4], 0.0, None, None),
+    Config(PACA16, "paca", 16, 32, [1.25e-3, 2.5e-3, 5e-3]),
+    Config("PaCA r8", "paca", 8, 16, [2.5e-3, 5e-3, 1e-2]),
+    Config("LoRA r8", "lora", 8, 16, [2.5e-4, 5e-4, 1e-3]),
+    Config("full fine-tuning", "full", 8, 16, [2.5e-5, 5e-5, 1e-4]),
+    # the second task, scored by answer loss
+    Config("PaCA r16, docstring-continue", "paca", 16, 32, PACA16, data="docstring-continue"),
+    Config("LoRA r8, docstring-continue", "lora", 8, 16, "LoRA r8", data="docstring-continue"),
     # DropBP at the rate chosen for the method alone (no sweep of its own: the question is what
     # dropping half the backward costs at the same setting)
-    ("PaCA r16 + DropBP 0.5", "paca", 16, 32, PACA16, 0.5, None, None),
-    ("LoRA r8 + DropBP 0.5", "lora", 8, 16, "LoRA r8", 0.5, None, None),
-    ("PaCA r16 + DropBP 0.5, 140 steps", "paca", 16, 32, PACA16, 0.5, 140, None),
-    # the second task, scored by answer loss
-    ("PaCA r16, docstring-continue", "paca", 16, 32, PACA16, 0.0, None, "docstring-continue"),
-    ("LoRA r8, docstring-continue", "lora", 8, 16, "LoRA r8", 0.0, None, "docstring-continue"),
+    Config("PaCA r16 + DropBP 0.5", "paca", 16, 32, PACA16, 0.5),
+    Config("LoRA r8 + DropBP 0.5", "lora", 8, 16, "LoRA r8", 0.5),
+    Config("PaCA r16 + DropBP 0.5, 140 steps", "paca", 16, 32, PACA16, 0.5, 140),
+    # the authors' rates: each branch's drop rate from its measured sensitivity
+    Config("PaCA r16 + DropBP 0.5, sensitivity", "paca", 16, 32, PACA16, 0.5, sensitivity=True),
 ]
 SEEDS = [0, 1, 2]
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -97,12 +115,12 @@ def main() -> None:
     runs = read(cache)
     new = 0
 
-    def train(method, r, alpha, lr, seed, split, drop=0.0, steps=None, data=None):
+    def train(method, r, alpha, lr, seed, split, drop=0.0, steps=None, data=None, sens=False):
         nonlocal new, runs
         steps = steps or args.steps
-        task = f"-{split}" + (f"-{data}" if data else "")
         key = f"{method}-r{r}-a{alpha}-lr{lr}-s{seed}-steps{steps}-{split}"
-        key += (f"-drop{drop}" if drop else "") + (f"-{data}" if data else "")
+        key += (f"-drop{drop}" if drop else "") + ("-sensitivity" if sens else "")
+        key += f"-{data}" if data else ""
         runs = read(cache)  # with what other processes added
         if key in runs:
             return runs[key]
@@ -113,11 +131,12 @@ def main() -> None:
         # every example of the split; the zero-shot base is the same for every run of a task,
         # so it is scored once per task and split
         scoring = {"eval_split": split, "eval_examples": 0}
-        scoring["eval_before"] = not any(
-            k.endswith(task) or k.endswith(f"{task}-drop0.5") for k in runs
+        same_task = re.compile(
+            rf"-{split}(-drop[0-9.]+)?(-sensitivity)?" + (f"-{data}$" if data else "$")
         )
+        scoring["eval_before"] = not any(same_task.search(k) for k in runs)
         setting = {"method": method, "r": r, "alpha": alpha, "lr": lr, "seed": seed}
-        setting |= {"drop_backward": drop, "data": data}
+        setting |= {"drop_backward": drop, "drop_sensitivity": sens, "data": data}
         metrics = run(
             TrainConfig(task="chat", max_steps=steps, output=str(folder), **setting, **scoring)
         )
@@ -151,18 +170,22 @@ def main() -> None:
             best = lr
         return sweep, best
 
-    configs = {c[0]: c for c in CONFIGS}
+    configs = {c.name: c for c in CONFIGS}
     table = []
     try:
-        for name, method, r, alpha, rates, drop, steps, data in CONFIGS:
+        for name, method, r, alpha, rates, drop, steps, data, sens in CONFIGS:
             if args.only and name != args.only:
                 continue
             if isinstance(rates, str):  # the rate chosen for another configuration, no sweep
-                sweep, best = {}, best_rate(*configs[rates][1:5])[1]
+                other = configs[rates]
+                sweep, best = {}, best_rate(other.method, other.r, other.alpha, other.rates)[1]
             else:
                 sweep, best = best_rate(method, r, alpha, rates)
-            finals = [train(method, r, alpha, best, s, "test", drop, steps, data) for s in SEEDS]
+            finals = [
+                train(method, r, alpha, best, s, "test", drop, steps, data, sens) for s in SEEDS
+            ]
             row = {"name": name, "lr": best, "drop_backward": drop, "steps": steps or args.steps}
+            row["drop_sensitivity"] = sens
             row["data"] = data or "docstring (exact match)"
             row["sweep_validation_exact_match"] = {str(k): v for k, v in sweep.items()}
             losses = [m["after"]["test"]["loss"] for m in finals]
