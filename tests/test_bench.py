@@ -1,6 +1,7 @@
 """paca bench: structure of the results (never timings)."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -15,16 +16,26 @@ def quick_report(tmp_path_factory):
     return bench.run(bench.BenchConfig.quick(output=str(out), plot=True), progress=False), out
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_minflt as Linux counts it")
+def test_minor_faults_count_fresh_memory():
+    before = bench._minor_faults()
+    fresh = bytearray(64 * 2**20)  # mapped fresh and zero-filled by the kernel on first touch
+    fresh[::4096] = b"x" * len(fresh[::4096])
+    assert bench._minor_faults() - before >= 64 * 2**20 // 4096 // 2
+
+
 def test_quick_run_has_every_method_and_the_schema(quick_report):
     report, out = quick_report
     assert list(report["methods"]) == list(bench.METHODS)
     keys = {
         "step_ms", "x_frozen", "x_lora", "saved_bytes", "saved_x_frozen", "saved_x_lora",
-        "aten_ops", "aten_view_ops", "extra_ops", "trainable_params", "memory",
+        "aten_ops", "aten_view_ops", "extra_ops", "trainable_params", "memory", "page_faults",
     }  # fmt: skip
     for row in report["methods"].values():
         assert set(row) == keys
         assert row["step_ms"] > 0 and row["aten_ops"] > 0
+        if sys.platform == "linux":
+            assert row["page_faults"] >= 0
     assert set(report["machine"]) >= {"torch", "device", "cpu_count"}
     assert set(report["bar"]) and all(
         {"value", "limit", "met"} <= set(c) for c in report["bar"].values()

@@ -472,6 +472,19 @@ def available_methods(cfg: BenchConfig) -> tuple[list[str], dict[str, str]]:
     return methods, skipped
 
 
+def _minor_faults() -> int | None:
+    """Minor page faults of this process so far (``None`` where ``resource`` is missing).
+
+    Per step, they show fresh memory being mapped and zeroed: on CPU, glibc's allocator can
+    return freed heap to the system and fault it back in on the next step, which a method's
+    step time then includes (docs/benchmarks.md); accelerators' caching allocators do not."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _median_ratio(times: dict[str, list[float]], method: str, reference: str) -> float | None:
     if reference not in times:
         return None
@@ -489,6 +502,7 @@ def run(cfg: BenchConfig | None = None, progress: bool = True) -> dict:
     embeds, labels = make_inputs(base, cfg, device)
     setups = {m: prepare(m, base, cfg, device) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
+    faults: dict[str, list[int]] = {m: [] for m in methods}
     total = (cfg.warmup + cfg.rounds) * len(methods)
     with tqdm(total=total, desc="paca bench", disable=not progress, leave=False) as bar:
         for round_index in range(cfg.warmup + cfg.rounds):
@@ -496,11 +510,14 @@ def run(cfg: BenchConfig | None = None, progress: bool = True) -> dict:
                 bar.set_postfix_str(f"round {round_index + 1}: {method}")
                 model, optimizer = setups[method]
                 backends.synchronize(device)
+                faults_before = _minor_faults()
                 start = time.perf_counter()
                 train_step(model, optimizer, embeds, labels)
                 backends.synchronize(device)
                 if round_index >= cfg.warmup:
                     times[method].append(time.perf_counter() - start)
+                    if faults_before is not None:
+                        faults[method].append(_minor_faults() - faults_before)
                 bar.update()
     results = {}
     for method in methods:
@@ -513,6 +530,7 @@ def run(cfg: BenchConfig | None = None, progress: bool = True) -> dict:
             "x_frozen": _median_ratio(times, method, "frozen"),
             "x_lora": _median_ratio(times, method, "lora"),
             "saved_bytes": saved_bytes(model, optimizer, embeds, labels),
+            "page_faults": statistics.median(faults[method]) if faults[method] else None,
             "aten_ops": counter.ops,
             "aten_view_ops": counter.views,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -586,9 +604,9 @@ def table(report: dict) -> str:
     """The results as a Markdown table."""
     header = (
         "| method | step ms | x frozen | x LoRA | saved MiB | saved x frozen | saved x LoRA "
-        "| ATen ops/step | extra ops | trainable params | memory used MiB |"
+        "| ATen ops/step | extra ops | trainable params | memory used MiB | page faults/step |"
     )
-    lines = [header, "|" + "---|" * 11]
+    lines = [header, "|" + "---|" * 12]
     for method, row in report["methods"].items():
         memory = row.get("memory") or {}
         if "used" in memory:
@@ -600,7 +618,7 @@ def table(report: dict) -> str:
             f"{_fmt(row['x_lora'], '.3f')} | {row['saved_bytes'] / 2**20:.1f} | "
             f"{_fmt(row['saved_x_frozen'], '.3f')} | {_fmt(row['saved_x_lora'], '.3f')} | "
             f"{row['aten_ops']} | {_fmt(row['extra_ops'], 'd')} | {row['trainable_params']:,} | "
-            f"{used} |"
+            f"{used} | {_fmt(row.get('page_faults'), '.0f')} |"
         )
     return "\n".join(lines)
 
