@@ -3,18 +3,30 @@ on a bench workload, against the frozen model, by ATen op (self CPU time, ms per
 
     python scripts/profile_step.py [--preset smollm2] [--method paca] [--optim fused] [--steps 3]
     python scripts/profile_step.py --cprofile   # Python-level: cProfile of the method's steps
+    python scripts/profile_step.py --anatomy    # PaCA's step in parts, timed, no profiler
+
+``--anatomy`` times (medians of interleaved rounds, no profiler in the way) the frozen model's
+forward + backward, PaCA's, PaCA's with its layers computing the frozen GEMM only (no autograd
+function, no delta gradients: what is left is the model itself), the partial-gradient kernel
+inside PaCA's backward, the optimizer step with the column write, and each one's minor page
+faults (fresh memory mapped and zeroed: glibc's heap trimming shows there).
 
 Prints the step times and the ops whose time differs most between the method and the frozen
 model. CPU only (on a GPU read the CUDA columns of the profiler instead).
 """
 
 import argparse
+import resource
+import statistics
 import time
+import types
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from paca import ops
+from paca.layer import PacaLinear
 from paca.recipes import bench
 
 
@@ -32,6 +44,62 @@ def by_op(model, optimizer, embeds, labels, steps: int) -> tuple[dict[str, list]
     return table, elapsed
 
 
+def anatomy(cfg, base, embeds, labels, rounds: int) -> None:
+    device = torch.device("cpu")
+    frozen, _ = bench.prepare("frozen", base, cfg, device)
+    paca_model, optimizer = bench.prepare("paca", base, cfg, device)
+    gemm_only, _ = bench.prepare("paca", base, cfg, device)
+    for layer in gemm_only.modules():
+        if isinstance(layer, PacaLinear):  # the same weight, the frozen layer's own forward
+            layer.forward = types.MethodType(lambda self, x: self.base_layer(x), layer)
+    table = ops._BY_DEVICE.setdefault("cpu", dict(ops.REFERENCE))
+    kernel, in_kernel = table["partial_grad"], []
+
+    def timed_kernel(*args):
+        start = time.perf_counter()
+        out = kernel(*args)
+        in_kernel.append(time.perf_counter() - start)
+        return out
+
+    times: dict[str, list[float]] = defaultdict(list)
+    faults: dict[str, list[int]] = defaultdict(list)
+
+    def measure(name, fn):
+        flt, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - start)
+        faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - flt)
+
+    def forward_backward(model):
+        x = embeds.detach().requires_grad_(True)
+        model(inputs_embeds=x, labels=labels).loss.backward()
+
+    table["partial_grad"] = timed_kernel
+    try:
+        for round_index in range(rounds + 1):  # the first round warms up
+            in_kernel.clear()
+            measure("frozen forward+backward", lambda: forward_backward(frozen))
+            measure("paca forward+backward", lambda: forward_backward(paca_model))
+            measure("  partial_grad kernels in it", lambda: None)
+            times["  partial_grad kernels in it"][-1] = sum(in_kernel)
+            measure("paca optimizer step + column write", optimizer.step)
+            measure("paca zero_grad", lambda: optimizer.zero_grad(set_to_none=True))
+            measure("paca layers as frozen GEMMs, fwd+bwd", lambda: forward_backward(gemm_only))
+            if round_index == 0:
+                times.clear()
+                faults.clear()
+    finally:
+        table["partial_grad"] = kernel
+    reference = statistics.median(times["frozen forward+backward"])
+    print(f"{cfg.model} hidden {cfg.hidden}, {cfg.layers} layers, seq {cfg.seq}, batch "
+          f"{cfg.batch}, AdamW {cfg.optim}: medians of {rounds} interleaved rounds")  # fmt: skip
+    print(f"{'part':40s} {'ms':>8s} {'x frozen fwd+bwd':>17s} {'minor faults':>13s}")
+    for name, values in times.items():
+        ms = statistics.median(values)
+        print(f"{name:40s} {1e3 * ms:8.1f} {ms / reference:17.3f} "
+              f"{statistics.median(faults[name]):13.0f}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="smollm2")
@@ -40,11 +108,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=18)
     parser.add_argument("--cprofile", action="store_true", help="cProfile the method's steps")
+    parser.add_argument("--anatomy", action="store_true", help="PaCA's step in timed parts")
+    parser.add_argument("--rounds", type=int, default=7, help="--anatomy: interleaved rounds")
     args = parser.parse_args()
     cfg = bench.BenchConfig.preset(args.preset, optim=args.optim, peak_memory=False)
     base = bench.build_model(cfg)
     device = torch.device("cpu")
     embeds, labels = bench.make_inputs(base, cfg, device)
+    if args.anatomy:
+        anatomy(cfg, base, embeds, labels, args.rounds)
+        return
     frozen, _ = bench.prepare("frozen", base, cfg, device)
     model, optimizer = bench.prepare(args.method, base, cfg, device)
     if args.cprofile:
