@@ -240,6 +240,13 @@ def _train_parser(sub) -> None:
         help="with --drop-backward: rates from a sensitivity measurement at 10%% of the steps",
     )
     p.add_argument(
+        "--drop-per",
+        choices=["step", "micro-batch"],
+        default="step",
+        help="with --drop-backward: one drop pattern per optimizer step, or per micro-batch "
+        "(DropBP's authors; differs with --grad-accum > 1)",
+    )
+    p.add_argument(
         "--quantize",
         choices=["4bit", "8bit"],
         default=None,

@@ -9,13 +9,18 @@ branches lower rates, keeping the FLOP-weighted mean at the target.
 
 Choices (each on purpose):
 
-* One drop pattern per optimizer step, drawn by the optimizer step hook: every micro-batch of a
-  gradient-accumulation step, and the recomputation of gradient checkpointing, see the same
-  pattern, so a dropped branch gets no gradient at all in that step.
-* A dropped branch's parameters are skipped by the optimizer in that step (``grad`` is
-  ``None``), as a frozen parameter would be: AdamW does not move them by momentum or weight
-  decay without fresh gradient information, and their per-parameter step count (Adam's bias
-  correction) counts only the steps they took part in.
+* By default one drop pattern per optimizer step, drawn by the optimizer step hook: every
+  micro-batch of a gradient-accumulation step, and the recomputation of gradient checkpointing,
+  see the same pattern, so a dropped branch gets no gradient at all in that step.
+  ``per="micro-batch"`` draws a fresh pattern at each training forward of the model (a forward
+  pre-hook on the module that holds the decoder layers), as the authors' code does: under
+  gradient accumulation a branch then gets the gradient of the micro-batches it was kept in,
+  and sits a step out only if it was dropped in all of them. Gradient checkpointing's
+  recomputation runs the layers, not that module, so it sees the pattern of its own forward.
+* A branch's parameters that got no gradient in a step are skipped by the optimizer in that
+  step (``grad`` is ``None``), as a frozen parameter would be: AdamW does not move them by
+  momentum or weight decay without fresh gradient information, and their per-parameter step
+  count (Adam's bias correction) counts only the steps they took part in.
 * Under ``torch.distributed`` a dropped branch still hands its parameters an exact zero
   gradient through a no-op autograd link, so DDP's reducer (``find_unused_parameters`` off or
   on) finishes every step; the step hook then sets those gradients back to ``None``. Every rank
@@ -141,12 +146,18 @@ class DropBackward:
         seed: int,
         patterns: int | None,
         max_rate: float = 0.9,
+        per: str = "step",
     ):
         self.model = weakref.ref(model)
         self.branches = branches
         self.seed = seed
         self.max_rate = max_rate
+        self.per = per
         self.steps = 0  # optimizer steps seen
+        self.forwards = 0  # per="micro-batch": training forwards seen in this step
+        self._kept: set[int] = set()  # per="micro-batch": branches kept in a forward this step
+        self._held = False  # sensitivities() sets patterns itself
+        self._forward_hook = None
         self._patterns = patterns
         self.patterns = self._fixed_patterns()
         self.dropped: frozenset[int] = frozenset()
@@ -167,9 +178,11 @@ class DropBackward:
         total = sum(b.flops for b in self.branches)
         return sum(b.flops * b.rate for b in self.branches) / total if total else 0.0
 
-    def _random(self, stream: int, index: int) -> random.Random:
-        # a pattern depends on (seed, step) alone: the same on every rank and after a resume
-        return random.Random((self.seed * 1_000_003 + index) * 4 + stream)
+    def _random(self, stream: int, index: int, forward: int | None = None) -> random.Random:
+        # a pattern depends on (seed, step[, forward]) alone: the same on every rank and after a
+        # resume
+        key = (self.seed * 1_000_003 + index) * 4 + stream
+        return random.Random(key if forward is None else key * 1_000_003 + forward)
 
     def _draw(self, rng: random.Random) -> frozenset[int]:
         dropped = {i for i, b in enumerate(self.branches) if rng.random() < b.rate}
@@ -185,12 +198,36 @@ class DropBackward:
 
     def next_pattern(self) -> frozenset[int]:
         """Sets the pattern of step ``self.steps`` (the optimizer step hook calls this after
-        counting a step; set ``steps`` first to resume)."""
+        counting a step; set ``steps`` first to resume). With ``per="micro-batch"`` this starts
+        the step: its forwards draw their own patterns (``next_forward``)."""
+        self.forwards, self._kept = 0, set()
         rng = self._random(0, self.steps)
         if self.patterns is None:
             self.dropped = self._draw(rng)
         else:
             self.dropped = self.patterns[rng.randrange(len(self.patterns))]
+        return self.dropped
+
+    def next_forward(self) -> frozenset[int]:
+        """``per="micro-batch"``: the pattern of the next training forward of this step."""
+        rng = self._random(2, self.steps, self.forwards)
+        if self.patterns is None:
+            self.dropped = self._draw(rng)
+        else:
+            self.dropped = self.patterns[rng.randrange(len(self.patterns))]
+        self.forwards += 1
+        self._kept |= set(range(len(self.branches))) - self.dropped
+        return self.dropped
+
+    def _on_forward(self, module, args) -> None:
+        if module.training and torch.is_grad_enabled() and not self._held:
+            self.next_forward()
+
+    def sat_out(self) -> frozenset[int]:
+        """The branches that got no gradient in this step: the step's pattern, or with
+        ``per="micro-batch"`` those dropped in every forward of the step."""
+        if self.per == "micro-batch" and self.forwards:
+            return frozenset(range(len(self.branches))) - self._kept
         return self.dropped
 
     def set_rates(self, rates: Mapping[str, float] | list[float]) -> None:
@@ -226,10 +263,12 @@ class DropBackward:
         return any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
 
     def skip_dropped(self) -> None:
-        """Leaves the parameters of this step's dropped branches out of the optimizer step."""
-        kept = {id(p) for i, b in enumerate(self.branches) if i not in self.dropped
+        """Leaves the parameters of the branches that sat this step out (``sat_out``) out of the
+        optimizer step."""
+        out = self.sat_out()
+        kept = {id(p) for i, b in enumerate(self.branches) if i not in out
                 for p in b.parameters()}  # fmt: skip
-        for i in self.dropped:
+        for i in out:
             for param in self.branches[i].parameters():
                 if id(param) not in kept:  # a parameter shared with a kept branch keeps its grad
                     param.grad = None
@@ -261,13 +300,20 @@ class DropBackward:
             return (_ZeroGrads.apply(out[0], *params), *out[1:])
         return out
 
-    def install(self) -> None:
+    def install(self, holder: nn.Module | None = None) -> None:
+        """Wraps the branches' forwards; with ``per="micro-batch"``, hooks ``holder`` (the
+        module that holds the decoder layers) to draw a pattern at each of its forwards."""
         for index, branch in enumerate(self.branches):
             for position, module in enumerate(branch.modules):
                 branch.originals.append(module.__dict__.get("forward"))
                 module.forward = self._wrap(index, position, module)
+        if self.per == "micro-batch":
+            self._forward_hook = holder.register_forward_pre_hook(self._on_forward)
 
     def remove(self) -> None:
+        if self._forward_hook is not None:
+            self._forward_hook.remove()
+            self._forward_hook = None
         for branch in self.branches:
             for module, original in zip(branch.modules, branch.originals, strict=True):
                 if original is None:
@@ -280,7 +326,7 @@ class DropBackward:
 
 def _before_step(optimizer, args, kwargs) -> None:
     for controller in list(_CONTROLLERS):
-        if controller.dropped and controller.owns(optimizer):
+        if controller.sat_out() and controller.owns(optimizer):
             controller.skip_dropped()
 
 
@@ -291,7 +337,9 @@ def _after_step(optimizer, args, kwargs) -> None:
             controller.next_pattern()
 
 
-def _decoder_branches(model: nn.Module) -> list[Branch]:
+def _decoder_branches(model: nn.Module) -> tuple[list[Branch], nn.Module | None]:
+    """The residual branches of ``model``'s decoder layers, and the module that holds the first
+    list of them (the one whose forward runs every layer once per forward of the model)."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     spec = BRANCHES.get(model_type)
@@ -301,8 +349,9 @@ def _decoder_branches(model: nn.Module) -> list[Branch]:
             f"model_type={model_type!r} ({type(model).__name__}); add its residual branches to "
             "paca.dropbp.BRANCHES (model_type -> [(norm, attention), (norm, mlp)])"
         )
-    found = []
-    for name, module in model.named_modules():
+    found, holder = [], None
+    modules_by_name = dict(model.named_modules())
+    for name, module in modules_by_name.items():
         if not isinstance(module, nn.ModuleList):
             continue
         for index, layer in enumerate(module):
@@ -311,12 +360,14 @@ def _decoder_branches(model: nn.Module) -> list[Branch]:
                     modules = tuple(getattr(layer, a) for a in attrs)
                     flops = sum(_linear_flops(m) for m in modules)
                     found.append(Branch(f"{name}.{index}.{attrs[-1]}", modules, flops, 0.0))
+                    if holder is None:
+                        holder = modules_by_name[name.rpartition(".")[0]]
     if not found:
         raise PacaError(
             f"found no decoder layers with {spec} in {type(model).__name__}; is it a "
             f"{model_type} model?"
         )
-    return found
+    return found, holder
 
 
 def get(model: nn.Module) -> DropBackward | None:
@@ -331,6 +382,7 @@ def drop_backward(
     sensitivity: Mapping[str, float] | Mapping[str, torch.Tensor] | None = None,
     patterns: int | None = None,
     max_rate: float = 0.9,
+    per: str = "step",
 ) -> nn.Module:
     """Applies DropBP to the decoder layers of ``model`` (PaCA, LoRA or fully trained).
 
@@ -345,6 +397,9 @@ def drop_backward(
         patterns (int | None): draw this many patterns once and pick one per step (bounded graphs
             under ``torch.compile`` and on Gaudi); ``None``: a fresh pattern every step.
         max_rate (float): the highest rate any one branch gets.
+        per (str): ``"step"`` (one pattern per optimizer step, for all its micro-batches) or
+            ``"micro-batch"`` (a pattern per training forward, as in the authors' code: under
+            gradient accumulation a branch then misses only the micro-batches it was dropped in).
 
     Returns:
         nn.Module: ``model``; ``paca.unload``, ``paca.merge`` or ``remove_drop_backward`` take
@@ -357,14 +412,16 @@ def drop_backward(
         )
     if patterns is not None and patterns < 1:
         raise PacaError(f"patterns={patterns}: use None or a positive number")
+    if per not in ("step", "micro-batch"):
+        raise PacaError(f"per={per!r}: use 'step' or 'micro-batch'")
     target = _base_model(model)
-    branches = _decoder_branches(target)
+    branches, holder = _decoder_branches(target)
     if get(model) is not None:
         remove_drop_backward(model)
     for branch in branches:
         branch.rate = rate
-    controller = DropBackward(model, branches, seed, patterns, max_rate)
-    controller.install()
+    controller = DropBackward(model, branches, seed, patterns, max_rate, per)
+    controller.install(holder)
     model.__dict__[ATTRIBUTE] = controller
     _CONTROLLERS.add(controller)
     if _hooks is None:
@@ -412,6 +469,7 @@ def sensitivities(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[s
     params = [p for p in model.parameters() if p.requires_grad]
     kept_grads = [p.grad for p in params]
     kept_pattern = controller.dropped
+    controller._held = True
 
     def gradient(dropped: frozenset[int]) -> list[torch.Tensor | None]:
         controller.dropped = dropped
@@ -437,6 +495,7 @@ def sensitivities(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[s
             scores[branch.name] = diff / norm
     finally:
         controller.dropped = kept_pattern
+        controller._held = False
         for p, g in zip(params, kept_grads, strict=True):
             p.grad = g
     return scores

@@ -14,6 +14,9 @@ projections, the same step budget; the zero-shot base is every run's "before".
    each method alone, seeds 0, 1, 2 on the test split; PaCA r16 with DropBP also for 140 steps,
    about the wall time of PaCA's 100 (its steps take about 0.7x as long: docs/benchmarks.md),
    and with the authors' per-branch rates from measured sensitivity (``--drop-sensitivity``).
+5. PaCA r16 with DropBP 0.5 drawn per micro-batch, as the authors' code does, each step's 8
+   examples as 4 micro-batches of 2 (``--grad-accum 4 --drop-per micro-batch``), and PaCA r16
+   alone with the same micro-batches; then PaCA r16 + DropBP with a rate sweep of its own.
 
 Resolution: one run's exact match on 632 test examples has a standard error of about
 sqrt(p (1 - p) / 632), 1.6 points at p = 0.8 (95% interval about +-3.1 points); two methods are
@@ -60,9 +63,12 @@ class Config(NamedTuple):
     steps: int | None = None  # None: --steps
     data: str | None = None  # None: the exact-match task
     sensitivity: bool = False  # DropBP rates from the branches' sensitivity (at 10% of steps)
+    accum: int = 1  # micro-batches per step of 8 examples (gradient accumulation)
+    per: str = "step"  # DropBP: one pattern per optimizer step, or per micro-batch
 
 
 PACA16 = "PaCA r16 (= LoRA r8 params)"
+MICRO = {"accum": 4, "per": "micro-batch"}  # each step's 8 examples as 4 micro-batches of 2
 CONFIGS = [
     Config(PACA16, "paca", 16, 32, [1.25e-3, 2.5e-3, 5e-3]),
     Config("PaCA r8", "paca", 8, 16, [2.5e-3, 5e-3, 1e-2]),
@@ -78,6 +84,13 @@ CONFIGS = [
     Config("PaCA r16 + DropBP 0.5, 140 steps", "paca", 16, 32, PACA16, 0.5, 140),
     # the authors' rates: each branch's drop rate from its measured sensitivity
     Config("PaCA r16 + DropBP 0.5, sensitivity", "paca", 16, 32, PACA16, 0.5, sensitivity=True),
+    # the authors' code draws a pattern per micro-batch and accumulates many of them per step:
+    # a branch then misses only part of each step's examples, rarely a whole step
+    Config("PaCA r16 + DropBP 0.5, per micro-batch, 4 x 2", "paca", 16, 32, PACA16, 0.5, **MICRO),
+    Config("PaCA r16, 4 x 2", "paca", 16, 32, PACA16, accum=4),
+    # DropBP with a rate sweep of its own: each delta gets a gradient in about half the steps,
+    # so the rate that suits PaCA alone need not suit it
+    Config("PaCA r16 + DropBP 0.5, own rate sweep", "paca", 16, 32, [1e-2, 2e-2], 0.5),
 ]
 SEEDS = [0, 1, 2]
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -115,11 +128,13 @@ def main() -> None:
     runs = read(cache)
     new = 0
 
-    def train(method, r, alpha, lr, seed, split, drop=0.0, steps=None, data=None, sens=False):
+    def train(method, r, alpha, lr, seed, split, drop=0.0, steps=None, data=None, sens=False,
+              accum=1, per="step"):  # fmt: skip
         nonlocal new, runs
         steps = steps or args.steps
         key = f"{method}-r{r}-a{alpha}-lr{lr}-s{seed}-steps{steps}-{split}"
         key += (f"-drop{drop}" if drop else "") + ("-sensitivity" if sens else "")
+        key += (f"-ga{accum}" if accum > 1 else "") + ("-per-micro" if per != "step" else "")
         key += f"-{data}" if data else ""
         runs = read(cache)  # with what other processes added
         if key in runs:
@@ -132,11 +147,16 @@ def main() -> None:
         # so it is scored once per task and split
         scoring = {"eval_split": split, "eval_examples": 0}
         same_task = re.compile(
-            rf"-{split}(-drop[0-9.]+)?(-sensitivity)?" + (f"-{data}$" if data else "$")
+            rf"-{split}(-drop[0-9.]+)?(-sensitivity)?(-ga[0-9]+)?(-per-micro)?"
+            + (f"-{data}$" if data else "$")
         )
         scoring["eval_before"] = not any(same_task.search(k) for k in runs)
         setting = {"method": method, "r": r, "alpha": alpha, "lr": lr, "seed": seed}
         setting |= {"drop_backward": drop, "drop_sensitivity": sens, "data": data}
+        if accum > 1:  # the same 8 examples per optimizer step, as micro-batches
+            setting |= {"batch_size": 8 // accum, "grad_accum": accum}
+        if drop:
+            setting["drop_per"] = per
         metrics = run(
             TrainConfig(task="chat", max_steps=steps, output=str(folder), **setting, **scoring)
         )
@@ -155,16 +175,20 @@ def main() -> None:
     def score(metrics, split):
         return metrics["after"][split]["exact_match"]
 
-    def best_rate(method, r, alpha, rates):
+    def best_rate(method, r, alpha, rates, drop=0.0, sens=False, steps=None, accum=1, per="step"):
         """The validation sweep (extended at an edge) and its best rate."""
-        sweep = {lr: score(train(method, r, alpha, lr, 0, "validation"), "validation")
-                 for lr in rates}  # fmt: skip
+
+        def val(lr):
+            run = train(method, r, alpha, lr, 0, "validation", drop, steps, None, sens, accum, per)
+            return score(run, "validation")
+
+        sweep = {lr: val(lr) for lr in rates}
         best = max(sweep, key=sweep.get)
         for _ in range(4):
             if best not in (min(sweep), max(sweep)):
                 break
             lr = best * 2 if best == max(sweep) else best / 2
-            sweep[lr] = score(train(method, r, alpha, lr, 0, "validation"), "validation")
+            sweep[lr] = val(lr)
             if sweep[lr] <= sweep[best]:
                 break
             best = lr
@@ -173,19 +197,21 @@ def main() -> None:
     configs = {c.name: c for c in CONFIGS}
     table = []
     try:
-        for name, method, r, alpha, rates, drop, steps, data, sens in CONFIGS:
+        for c in CONFIGS:
+            name, method, r, alpha, rates, drop, steps, data, sens = c[:9]
             if args.only and name != args.only:
                 continue
             if isinstance(rates, str):  # the rate chosen for another configuration, no sweep
                 other = configs[rates]
                 sweep, best = {}, best_rate(other.method, other.r, other.alpha, other.rates)[1]
             else:
-                sweep, best = best_rate(method, r, alpha, rates)
+                sweep, best = best_rate(method, r, alpha, rates, drop, sens, steps, c.accum, c.per)
             finals = [
-                train(method, r, alpha, best, s, "test", drop, steps, data, sens) for s in SEEDS
+                train(method, r, alpha, best, s, "test", drop, steps, data, sens, c.accum, c.per)
+                for s in SEEDS
             ]
             row = {"name": name, "lr": best, "drop_backward": drop, "steps": steps or args.steps}
-            row["drop_sensitivity"] = sens
+            row |= {"drop_sensitivity": sens, "micro_batches": c.accum, "drop_per": c.per}
             row["data"] = data or "docstring (exact match)"
             row["sweep_validation_exact_match"] = {str(k): v for k, v in sweep.items()}
             losses = [m["after"]["test"]["loss"] for m in finals]

@@ -297,3 +297,63 @@ def test_ddp_two_processes_match_one(tmp_path):
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
     plain = train(None, "merged")  # without DropBP the deltas differ: something was dropped
     assert any(not torch.allclose(plain[n], want[n]) for n in want)
+
+
+def test_per_micro_batch_matches_a_detach_reference_and_skips_only_branches_dropped_throughout():
+    """per="micro-batch": a fresh pattern at each training forward; the accumulated gradient is
+    the sum of each micro-batch's gradient with its own branches detached, and the optimizer
+    skips only the branches dropped in every micro-batch of the step."""
+    ids = token_batch(batch=4)
+    halves = (ids[:2], ids[2:])
+    model = _adapted(num_hidden_layers=4)
+    reference = _adapted(num_hidden_layers=4)
+    paca.drop_backward(model, rate=0.5, seed=3, per="micro-batch")
+    controller = dropbp.get(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    names = [b.name for b in controller.branches]
+    partly_seen = throughout_seen = False
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    for _ in range(4):
+        for p in model.parameters():
+            p.grad = None
+        patterns = []
+        for half in halves:
+            model(half, labels=half).loss.backward()
+            patterns.append(controller.dropped)
+        got = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+               if p.requires_grad}  # fmt: skip
+        want = {}
+        for half, dropped in zip(halves, patterns, strict=True):
+            handles = _detach_reference(reference, {names[i] for i in dropped})
+            for n, g in _grads(reference, half).items():
+                if g is not None:
+                    want[n] = g if want.get(n) is None else want[n] + g
+            for h in handles:
+                h.remove()
+        throughout = patterns[0] & patterns[1]
+        partly = (patterns[0] | patterns[1]) - throughout
+        partly_seen |= bool(partly)
+        throughout_seen |= bool(throughout)
+        assert controller.sat_out() == throughout
+        for n, g in got.items():
+            if n.startswith(tuple(names[i] for i in throughout)):
+                assert g is None and want.get(n) is None, n
+            else:
+                torch.testing.assert_close(g, want[n], rtol=1e-12, atol=1e-14, msg=n)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        opt.step()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                moved = not torch.equal(p, before[n])
+                assert moved != n.startswith(tuple(names[i] for i in throughout)), n
+        # the reference follows the same updates, so the next step compares like with like
+        reference.load_state_dict(model.state_dict())
+    assert partly_seen and throughout_seen and controller.steps == 4
+    model.eval()  # no drawing outside training
+    forwards = controller.forwards
+    model(halves[0])
+    assert controller.forwards == forwards
+    with pytest.raises(paca.PacaError, match="per='layer'"):
+        paca.drop_backward(model, rate=0.5, per="layer")
+    paca.remove_drop_backward(model)
+    assert not model.model._forward_pre_hooks

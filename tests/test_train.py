@@ -191,8 +191,9 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_adapter(
     _assert_same_adapter(out, tmp_path / "straight")
 
 
-def _interrupt_in_step_5(argv, out, monkeypatch):
-    """``paca train argv --output out``, killed in step 5 (after the checkpoint of step 3)."""
+def _interrupt_in_step_5(argv, out, monkeypatch, micro_batches=1):
+    """``paca train argv --output out``, killed in step 5 (after the checkpoint of step 3), in
+    its first micro-batch."""
     from paca.integrations.hf import Trainer
 
     class Interrupted(Exception):
@@ -203,7 +204,7 @@ def _interrupt_in_step_5(argv, out, monkeypatch):
 
     def crashing_step(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 5:
+        if len(calls) == 4 * micro_batches + 1:
             raise Interrupted
         return step(self, *args, **kwargs)
 
@@ -336,6 +337,7 @@ def test_embedded_dataset_is_fixed_and_disjoint():
         ({"eval_split": "train"}, "eval_split='train': choose test or validation"),
         ({"eval_examples": -1}, "eval_examples=-1 must be >= 0"),
         ({"task": "chat", "method": "head"}, "method='head' trains a classification head"),
+        ({"drop_backward": 0.5, "drop_per": "layer"}, "drop_per='layer': use 'step' or"),
     ],
 )
 def test_chat_settings_are_checked(settings, message):
@@ -377,6 +379,23 @@ def test_drop_backward_resumes_exactly_and_measures_sensitivity(
     assert main([*argv, "--drop-sensitivity", "--output", str(sensed)]) == 0
     drop = json.loads((sensed / "metrics.json").read_text())["drop_backward"]
     assert drop["rate"] == pytest.approx(0.5) and len(set(drop["rates"].values())) > 1
+
+
+def test_drop_backward_per_micro_batch_resumes_exactly(tmp_path, tiny_llama_folder, monkeypatch):
+    argv = _lm_argv(tmp_path, tiny_llama_folder)
+    argv += ["--max-steps", "6", "--save-steps", "3", "--batch-size", "2", "--grad-accum", "2"]
+    argv += ["--lr", "1e-2", "--drop-backward", "0.5", "--drop-per", "micro-batch"]
+    assert main([*argv, "--output", str(tmp_path / "straight")]) == 0
+    metrics = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert metrics["drop_backward"]["per"] == "micro-batch"
+    out = tmp_path / "out"
+    _interrupt_in_step_5(argv, out, monkeypatch, micro_batches=2)
+    assert main([*argv, "--output", str(out), "--resume"]) == 0
+    _assert_same_adapter(out, tmp_path / "straight")  # each micro-batch's pattern after resume
+    per_step = [a if a != "micro-batch" else "step" for a in argv]
+    assert main([*per_step, "--output", str(tmp_path / "per-step")]) == 0
+    with pytest.raises(AssertionError):  # other patterns: per micro-batch is not per step
+        _assert_same_adapter(tmp_path / "per-step", tmp_path / "straight")
 
 
 def test_second_embedded_task_has_longer_answers_from_the_same_splits():

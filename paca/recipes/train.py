@@ -126,6 +126,9 @@ class TrainConfig:
             each step; 0: off. Causal LMs of ``paca.dropbp.BRANCHES`` only.
         drop_sensitivity (bool): with ``drop_backward``: measure each branch's sensitivity at
             10% of the steps and give sensitive branches lower rates (same mean).
+        drop_per (str): with ``drop_backward``: ``step`` (one drop pattern per optimizer step)
+            or ``micro-batch`` (a pattern per micro-batch, as DropBP's authors do; differs only
+            with ``grad_accum`` > 1).
     """
 
     model: str | None = None
@@ -155,6 +158,7 @@ class TrainConfig:
     eval_before: bool = True
     drop_backward: float = 0.0
     drop_sensitivity: bool = False
+    drop_per: str = "step"
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -203,6 +207,8 @@ class TrainConfig:
             raise TrainError("drop_backward skips decoder branches; method='head' trains none")
         if self.drop_sensitivity and not self.drop_backward:
             raise TrainError("drop_sensitivity needs drop_backward > 0")
+        if self.drop_per not in ("step", "micro-batch"):
+            raise TrainError(f"drop_per={self.drop_per!r}: use 'step' or 'micro-batch'")
         if self.lr is not None and not self.lr > 0:
             raise TrainError(f"lr={self.lr} must be > 0")
 
@@ -595,7 +601,7 @@ def run(cfg: TrainConfig) -> dict:
         calibration = calibration_batches(datasets["train"], collator, cfg)
     model = apply_method(model, cfg, device, calibration)
     if cfg.drop_backward:
-        paca.drop_backward(model, rate=cfg.drop_backward, seed=cfg.seed)
+        paca.drop_backward(model, rate=cfg.drop_backward, seed=cfg.seed, per=cfg.drop_per)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     quantized = sum(is_quantized(m) for n, m in model.named_modules() if n.endswith(".base_layer"))
 
@@ -757,7 +763,8 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
     controller = paca.dropbp.get(model)
     drop = None
     if controller is not None:
-        drop = {"rate": controller.rate, "rates": {b.name: b.rate for b in controller.branches}}
+        drop = {"rate": controller.rate, "per": controller.per}
+        drop["rates"] = {b.name: b.rate for b in controller.branches}
     return {
         "method": cfg.method,
         "drop_backward": drop,
