@@ -33,12 +33,14 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().clone()
 
 
-def train(engine, mode, rank=0, world=1, accelerator=None, drop=0.0) -> dict[str, torch.Tensor]:
+def train(
+    engine, mode, rank=0, world=1, accelerator=None, drop=0.0, per="step"
+) -> dict[str, torch.Tensor]:
     """The final deltas; ``engine``: None (one process), ddp, fsdp or accelerate; ``drop``: a
-    DropBP rate (0: none)."""
+    DropBP rate (0: none), its patterns drawn ``per`` step or micro-batch."""
     model = paca.enable(tiny_llama(), r=4, alpha=8, mode=mode, seed=1).train()
     if drop:
-        paca.drop_backward(model, rate=drop, seed=3)
+        paca.drop_backward(model, rate=drop, seed=3, per=per)
     forward = model
     if engine == "ddp":
         forward = torch.nn.parallel.DistributedDataParallel(model)
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--mode", default="merged")
     parser.add_argument("--out", required=True)
     parser.add_argument("--drop-backward", type=float, default=0.0)
+    parser.add_argument("--drop-per", default="step")
     args = parser.parse_args()
     accelerator = None
     if args.engine == "accelerate":
@@ -81,7 +84,9 @@ def main() -> None:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if world != 2:
         raise SystemExit(f"expected 2 processes, got {world}")
-    deltas = train(args.engine, args.mode, rank, world, accelerator, args.drop_backward)
+    deltas = train(
+        args.engine, args.mode, rank, world, accelerator, args.drop_backward, args.drop_per
+    )
     if rank == 0:
         torch.save(deltas, args.out)
     if torch.distributed.is_initialized():

@@ -281,17 +281,18 @@ def test_hf_trainer_with_accumulation(tmp_path):
     )
 
 
-def test_ddp_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("per", ["step", "micro-batch"])
+def test_ddp_two_processes_match_one(tmp_path, per):
     from distributed_worker import train
 
     out = tmp_path / "d.pt"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += ["--standalone", str(WORKER), "--engine", "ddp", "--out", str(out)]
-    command += ["--drop-backward", "0.5"]
+    command += ["--drop-backward", "0.5", "--drop-per", per]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(WORKER.parent))
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    got, want = torch.load(out), train(None, "merged", drop=0.5)
+    got, want = torch.load(out), train(None, "merged", drop=0.5, per=per)
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
