@@ -17,6 +17,7 @@ Choices (each on purpose):
   gradient accumulation a branch then gets the gradient of the micro-batches it was kept in,
   and sits a step out only if it was dropped in all of them. Gradient checkpointing's
   recomputation runs the layers, not that module, so it sees the pattern of its own forward.
+  Under ``torch.compile`` the draw is a graph break (``fullgraph=True`` needs ``per="step"``).
 * A branch's parameters that got no gradient in a step are skipped by the optimizer in that
   step (``grad`` is ``None``), as a frozen parameter would be: AdamW does not move them by
   momentum or weight decay without fresh gradient information, and their per-parameter step
