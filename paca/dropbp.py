@@ -395,8 +395,9 @@ def drop_backward(
         sensitivity: ``None`` (every branch drops at ``rate``), ``{branch name: sensitivity}``
             (``sensitivities`` measures them), or a batch (a mapping of tensors the model takes
             as keyword arguments, with labels) to measure on now.
-        patterns (int | None): draw this many patterns once and pick one per step (bounded graphs
-            under ``torch.compile`` and on Gaudi); ``None``: a fresh pattern every step.
+        patterns (int | None): draw this many patterns once and pick one per step or
+            micro-batch (bounded graphs under ``torch.compile`` and on Gaudi); ``None``: a fresh
+            pattern every time.
         max_rate (float): the highest rate any one branch gets.
         per (str): ``"step"`` (one pattern per optimizer step, for all its micro-batches) or
             ``"micro-batch"`` (a pattern per training forward, as in the authors' code: under
