@@ -241,7 +241,7 @@ def _train_parser(sub) -> None:
     )
     p.add_argument(
         "--drop-per",
-        choices=["step", "micro-batch"],
+        choices=paca.dropbp.PER,
         default="step",
         help="with --drop-backward: one drop pattern per optimizer step, or per micro-batch "
         "(DropBP's authors; differs with --grad-accum > 1)",

@@ -68,6 +68,7 @@ BRANCHES: dict[str, list[tuple[str, ...]]] = {
     "gpt2": [("ln_1", "attn"), ("ln_2", "mlp")],
 }
 
+PER = ("step", "micro-batch")  # when a drop pattern is drawn (``drop_backward(per=...)``)
 _CONTROLLERS: weakref.WeakSet[DropBackward] = weakref.WeakSet()
 _hooks = None
 
@@ -192,6 +193,12 @@ class DropBackward:
             dropped.discard(len(self.branches) - 1)
         return frozenset(dropped)
 
+    def _pick(self, rng: random.Random) -> frozenset[int]:
+        """A fresh pattern, or one of the fixed ``patterns``."""
+        if self.patterns is None:
+            return self._draw(rng)
+        return self.patterns[rng.randrange(len(self.patterns))]
+
     def _fixed_patterns(self) -> list[frozenset[int]] | None:
         if self._patterns is None:
             return None
@@ -202,20 +209,12 @@ class DropBackward:
         counting a step; set ``steps`` first to resume). With ``per="micro-batch"`` this starts
         the step: its forwards draw their own patterns (``next_forward``)."""
         self.forwards, self._kept = 0, set()
-        rng = self._random(0, self.steps)
-        if self.patterns is None:
-            self.dropped = self._draw(rng)
-        else:
-            self.dropped = self.patterns[rng.randrange(len(self.patterns))]
+        self.dropped = self._pick(self._random(0, self.steps))
         return self.dropped
 
     def next_forward(self) -> frozenset[int]:
         """``per="micro-batch"``: the pattern of the next training forward of this step."""
-        rng = self._random(2, self.steps, self.forwards)
-        if self.patterns is None:
-            self.dropped = self._draw(rng)
-        else:
-            self.dropped = self.patterns[rng.randrange(len(self.patterns))]
+        self.dropped = self._pick(self._random(2, self.steps, self.forwards))
         self.forwards += 1
         self._kept |= set(range(len(self.branches))) - self.dropped
         return self.dropped
@@ -414,7 +413,7 @@ def drop_backward(
         )
     if patterns is not None and patterns < 1:
         raise PacaError(f"patterns={patterns}: use None or a positive number")
-    if per not in ("step", "micro-batch"):
+    if per not in PER:
         raise PacaError(f"per={per!r}: use 'step' or 'micro-batch'")
     target = _base_model(model)
     branches, holder = _decoder_branches(target)

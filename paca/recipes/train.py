@@ -207,7 +207,7 @@ class TrainConfig:
             raise TrainError("drop_backward skips decoder branches; method='head' trains none")
         if self.drop_sensitivity and not self.drop_backward:
             raise TrainError("drop_sensitivity needs drop_backward > 0")
-        if self.drop_per not in ("step", "micro-batch"):
+        if self.drop_per not in paca.dropbp.PER:
             raise TrainError(f"drop_per={self.drop_per!r}: use 'step' or 'micro-batch'")
         if self.lr is not None and not self.lr > 0:
             raise TrainError(f"lr={self.lr} must be > 0")
