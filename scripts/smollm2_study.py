@@ -36,6 +36,7 @@ Never run in CI.
 """
 
 import argparse
+import contextlib
 import fcntl
 import json
 import re
@@ -49,6 +50,7 @@ from typing import NamedTuple
 
 import torch
 
+import paca.dropbp
 from paca.recipes.train import TrainConfig, run
 
 
@@ -66,6 +68,7 @@ class Config(NamedTuple):
     sensitivity: bool = False  # DropBP rates from the branches' sensitivity (at 10% of steps)
     accum: int = 1  # micro-batches per step of 8 examples (gradient accumulation)
     per: str = "step"  # DropBP: one pattern per optimizer step, or per micro-batch
+    unbiased: bool = False  # DropBP: kept branches pass 1/(1-p) times their gradient down
 
 
 PACA16 = "PaCA r16 (= LoRA r8 params)"
@@ -96,10 +99,63 @@ CONFIGS = [
     # the authors' runs train for a whole epoch of far larger sets
     Config("PaCA r16, 300 steps", "paca", 16, 32, PACA16, steps=300),
     Config("PaCA r16 + DropBP 0.5, 300 steps", "paca", 16, 32, PACA16, 0.5, steps=300),
+    # a study-only variant (``unbiased_dropbp``): the gradient every layer gets equals, in
+    # expectation over drop patterns, the gradient without DropBP, at the cost of its variance
+    Config("PaCA r16 + DropBP 0.5, unbiased", "paca", 16, 32, [5e-3, 1e-2], 0.5, unbiased=True),
 ]
 SEEDS = [0, 1, 2]
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 CACHE = DOCS / "smollm2_study_runs.json"
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient times ``factor``."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+@contextlib.contextmanager
+def unbiased_dropbp(on: bool):
+    """DropBP whose kept branches pass ``1 / (1 - p)`` times their gradient down to the residual
+    stream below (the gradient at the branch's input is scaled; its own parameters' gradients
+    are not). With every drop independent, the gradient reaching each layer then equals in
+    expectation the gradient without DropBP; DropBP as published (and as paca implements it)
+    drops the dropped branches' paths from that gradient instead. Not in the library: this
+    study measures whether removing that bias helps."""
+    if not on:
+        yield
+        return
+    original = paca.dropbp.DropBackward._wrap
+
+    def wrap(self, index, position, module):
+        inner = original(self, index, position, module)
+        if position:  # the branch's first module receives the residual stream
+            return inner
+
+        def forward(*args, **kwargs):
+            rate = self.branches[index].rate
+            if rate and index not in self.dropped and module.training and torch.is_grad_enabled():
+                scale = 1 / (1 - rate)
+                if args:
+                    args = (_ScaleGrad.apply(args[0], scale), *args[1:])
+                else:
+                    kwargs["hidden_states"] = _ScaleGrad.apply(kwargs["hidden_states"], scale)
+            return inner(*args, **kwargs)
+
+        return forward
+
+    paca.dropbp.DropBackward._wrap = wrap
+    try:
+        yield
+    finally:
+        paca.dropbp.DropBackward._wrap = original
 
 
 class Budget(Exception):
@@ -134,12 +190,13 @@ def main() -> None:
     new = 0
 
     def train(method, r, alpha, lr, seed, split, drop=0.0, steps=None, data=None, sens=False,
-              accum=1, per="step"):  # fmt: skip
+              accum=1, per="step", unbiased=False):  # fmt: skip
         nonlocal new, runs
         steps = steps or args.steps
         key = f"{method}-r{r}-a{alpha}-lr{lr}-s{seed}-steps{steps}-{split}"
         key += (f"-drop{drop}" if drop else "") + ("-sensitivity" if sens else "")
         key += (f"-ga{accum}" if accum > 1 else "") + ("-per-micro" if per != "step" else "")
+        key += "-unbiased" if unbiased else ""
         key += f"-{data}" if data else ""
         runs = read(cache)  # with what other processes added
         if key in runs:
@@ -152,7 +209,7 @@ def main() -> None:
         # so it is scored once per task and split
         scoring = {"eval_split": split, "eval_examples": 0}
         same_task = re.compile(
-            rf"-{split}(-drop[0-9.]+)?(-sensitivity)?(-ga[0-9]+)?(-per-micro)?"
+            rf"-{split}(-drop[0-9.]+)?(-sensitivity)?(-ga[0-9]+)?(-per-micro)?(-unbiased)?"
             + (f"-{data}$" if data else "$")
         )
         scoring["eval_before"] = not any(same_task.search(k) for k in runs)
@@ -162,9 +219,10 @@ def main() -> None:
             setting |= {"batch_size": 8 // accum, "grad_accum": accum}
         if drop:
             setting["drop_per"] = per
-        metrics = run(
-            TrainConfig(task="chat", max_steps=steps, output=str(folder), **setting, **scoring)
-        )
+        with unbiased_dropbp(unbiased):
+            metrics = run(
+                TrainConfig(task="chat", max_steps=steps, output=str(folder), **setting, **scoring)
+            )
         shutil.rmtree(folder.parent, ignore_errors=True)
         metrics["wall_seconds"] = round(time.time() - started, 1)
         metrics["threads"] = torch.get_num_threads()
@@ -180,11 +238,14 @@ def main() -> None:
     def score(metrics, split):
         return metrics["after"][split]["exact_match"]
 
-    def best_rate(method, r, alpha, rates, drop=0.0, sens=False, steps=None, accum=1, per="step"):
+    def best_rate(method, r, alpha, rates, drop=0.0, sens=False, steps=None, accum=1, per="step",
+                  unbiased=False):  # fmt: skip
         """The validation sweep (extended at an edge) and its best rate."""
 
         def val(lr):
-            run = train(method, r, alpha, lr, 0, "validation", drop, steps, None, sens, accum, per)
+            run = train(
+                method, r, alpha, lr, 0, "validation", drop, steps, None, sens, accum, per, unbiased
+            )
             return score(run, "validation")
 
         sweep = {lr: val(lr) for lr in rates}
@@ -206,17 +267,19 @@ def main() -> None:
             name, method, r, alpha, rates, drop, steps, data, sens = c[:9]
             if args.only and name != args.only:
                 continue
+            how = (c.accum, c.per, c.unbiased)
             if isinstance(rates, str):  # the rate chosen for another configuration, no sweep
                 other = configs[rates]
                 sweep, best = {}, best_rate(other.method, other.r, other.alpha, other.rates)[1]
             else:
-                sweep, best = best_rate(method, r, alpha, rates, drop, sens, steps, c.accum, c.per)
+                sweep, best = best_rate(method, r, alpha, rates, drop, sens, steps, *how)
             finals = [
-                train(method, r, alpha, best, s, "test", drop, steps, data, sens, c.accum, c.per)
+                train(method, r, alpha, best, s, "test", drop, steps, data, sens, *how)
                 for s in SEEDS
             ]
             row = {"name": name, "lr": best, "drop_backward": drop, "steps": steps or args.steps}
             row |= {"drop_sensitivity": sens, "micro_batches": c.accum, "drop_per": c.per}
+            row["drop_unbiased"] = c.unbiased
             row["data"] = data or "docstring (exact match)"
             row["sweep_validation_exact_match"] = {str(k): v for k, v in sweep.items()}
             losses = [m["after"]["test"]["loss"] for m in finals]

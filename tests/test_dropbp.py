@@ -364,3 +364,51 @@ def test_per_micro_batch_matches_a_detach_reference_and_skips_only_branches_drop
         paca.drop_backward(model, rate=0.5, per="layer")
     paca.remove_drop_backward(model)
     assert not model.model._forward_pre_hooks
+
+
+def test_the_studys_unbiased_variant_is_unbiased_and_dropbp_is_not():
+    """scripts/smollm2_study.py measures a variant whose kept branches pass 1 / (1 - p) times
+    their gradient down: over all drop patterns, a delta's gradient given that its branch is
+    kept then averages to the gradient without DropBP. DropBP itself does not (the claim
+    docs/accuracy.md makes for each)."""
+    import itertools
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    try:
+        from smollm2_study import unbiased_dropbp
+    finally:
+        sys.path.pop(0)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def build():
+        model = paca.enable(tiny_gpt2().double(), r=4, seed=1).train()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0  # the same function in every pattern
+        torch.manual_seed(2)  # deltas away from zero, so every branch's Jacobian takes part
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+        return model
+
+    full = _grads(build(), ids)
+    for unbiased in (False, True):
+        with unbiased_dropbp(unbiased):
+            model = paca.drop_backward(build(), rate=0.5, seed=0)
+        controller = dropbp.get(model)
+        n = len(controller.branches)
+        mean = {name: torch.zeros_like(g) for name, g in full.items()}
+        for pattern in itertools.product((False, True), repeat=n):
+            if all(pattern):
+                continue  # nothing kept: no gradient for any delta
+            controller.dropped = frozenset(i for i in range(n) if pattern[i])
+            for name, g in _grads(model, ids).items():
+                if g is not None:  # kept: P(pattern) / P(kept) = 0.5**n / 0.5
+                    mean[name] += g * 0.5 ** (n - 1)
+        errors = [((mean[k] - full[k]).abs().max() / full[k].abs().max()).item() for k in full]
+        if unbiased:
+            assert max(errors) < 1e-12, errors
+        else:  # the lower layer's deltas miss the dropped branches' paths above them
+            assert max(errors) > 1e-2, errors
+        paca.remove_drop_backward(model)
