@@ -68,7 +68,7 @@ class Config(NamedTuple):
     sensitivity: bool = False  # DropBP rates from the branches' sensitivity (at 10% of steps)
     accum: int = 1  # micro-batches per step of 8 examples (gradient accumulation)
     per: str = "step"  # DropBP: one pattern per optimizer step, or per micro-batch
-    unbiased: bool = False  # DropBP: kept branches pass 1/(1-p) times their gradient down
+    variant: str | None = None  # a study-only variant of DropBP (VARIANTS)
 
 
 PACA16 = "PaCA r16 (= LoRA r8 params)"
@@ -99,9 +99,12 @@ CONFIGS = [
     # the authors' runs train for a whole epoch of far larger sets
     Config("PaCA r16, 300 steps", "paca", 16, 32, PACA16, steps=300),
     Config("PaCA r16 + DropBP 0.5, 300 steps", "paca", 16, 32, PACA16, 0.5, steps=300),
-    # a study-only variant (``unbiased_dropbp``): the gradient every layer gets equals, in
-    # expectation over drop patterns, the gradient without DropBP, at the cost of its variance
-    Config("PaCA r16 + DropBP 0.5, unbiased", "paca", 16, 32, [5e-3, 1e-2], 0.5, unbiased=True),
+    # study-only variants (``dropbp_variant``): DropBP with the bias of its gradient removed,
+    # and each of the two things it does to a dropped branch alone
+    *(
+        Config(f"PaCA r16 + DropBP 0.5, {v}", "paca", 16, 32, rates, 0.5, variant=v)
+        for v, rates in [("unbiased", [5e-3, 1e-2]), ("path-only", PACA16), ("update-only", PACA16)]
+    ),
 ]
 SEEDS = [0, 1, 2]
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -121,41 +124,61 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
+VARIANTS = ("unbiased", "path-only", "update-only")  # dropbp_variant says what each does
+
+
 @contextlib.contextmanager
-def unbiased_dropbp(on: bool):
-    """DropBP whose kept branches pass ``1 / (1 - p)`` times their gradient down to the residual
-    stream below (the gradient at the branch's input is scaled; its own parameters' gradients
-    are not). With every drop independent, the gradient reaching each layer then equals in
-    expectation the gradient without DropBP; DropBP as published (and as paca implements it)
-    drops the dropped branches' paths from that gradient instead. Not in the library: this
-    study measures whether removing that bias helps."""
-    if not on:
+def dropbp_variant(variant: str | None):
+    """Study-only variants of DropBP, to take its accuracy cost apart; not in the library.
+
+    DropBP does two things to a dropped branch: its deltas get no gradient (they sit the step
+    out), and the layers below get a gradient without that branch's path (a bias: the
+    expected gradient is not the one without DropBP). ``path-only`` keeps only the second,
+    ``update-only`` only the first (neither saves the time DropBP does). ``unbiased`` keeps
+    both but removes the bias: a kept branch passes ``1 / (1 - p)`` times its gradient down
+    (scaled at its input; its own deltas' gradients are not), so with independent drops the
+    gradient reaching every layer equals, in expectation over patterns, the one without
+    DropBP, at the cost of its variance (``tests/test_dropbp.py`` checks both claims)."""
+    if variant is None:
         yield
         return
-    original = paca.dropbp.DropBackward._wrap
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}: use one of {VARIANTS}")
+    wrap, skip = paca.dropbp.DropBackward._wrap, paca.dropbp.DropBackward.skip_dropped
 
-    def wrap(self, index, position, module):
-        inner = original(self, index, position, module)
-        if position:  # the branch's first module receives the residual stream
-            return inner
+    def variant_wrap(self, index, position, module):
+        plain = module.forward  # the branch module's own forward, before DropBP wraps it
+        dropbp = wrap(self, index, position, module)
 
         def forward(*args, **kwargs):
+            active = module.training and torch.is_grad_enabled()
+            dropped = active and index in self.dropped
+            if variant != "unbiased" and dropped:  # the branch runs with gradients
+                if variant == "path-only" and position == 0:
+                    args, kwargs = _at_input(args, kwargs, torch.Tensor.detach)
+                return plain(*args, **kwargs)
             rate = self.branches[index].rate
-            if rate and index not in self.dropped and module.training and torch.is_grad_enabled():
+            if variant == "unbiased" and active and not dropped and rate and position == 0:
                 scale = 1 / (1 - rate)
-                if args:
-                    args = (_ScaleGrad.apply(args[0], scale), *args[1:])
-                else:
-                    kwargs["hidden_states"] = _ScaleGrad.apply(kwargs["hidden_states"], scale)
-            return inner(*args, **kwargs)
+                args, kwargs = _at_input(args, kwargs, lambda x: _ScaleGrad.apply(x, scale))
+            return dropbp(*args, **kwargs)
 
         return forward
 
-    paca.dropbp.DropBackward._wrap = wrap
+    paca.dropbp.DropBackward._wrap = variant_wrap
+    if variant == "path-only":
+        paca.dropbp.DropBackward.skip_dropped = lambda self: None
     try:
         yield
     finally:
-        paca.dropbp.DropBackward._wrap = original
+        paca.dropbp.DropBackward._wrap, paca.dropbp.DropBackward.skip_dropped = wrap, skip
+
+
+def _at_input(args, kwargs, fn):
+    """``fn`` applied to a branch's input hidden state (first positional or ``hidden_states``)."""
+    if args:
+        return (fn(args[0]), *args[1:]), kwargs
+    return args, kwargs | {"hidden_states": fn(kwargs["hidden_states"])}
 
 
 class Budget(Exception):
@@ -190,13 +213,13 @@ def main() -> None:
     new = 0
 
     def train(method, r, alpha, lr, seed, split, drop=0.0, steps=None, data=None, sens=False,
-              accum=1, per="step", unbiased=False):  # fmt: skip
+              accum=1, per="step", variant=None):  # fmt: skip
         nonlocal new, runs
         steps = steps or args.steps
         key = f"{method}-r{r}-a{alpha}-lr{lr}-s{seed}-steps{steps}-{split}"
         key += (f"-drop{drop}" if drop else "") + ("-sensitivity" if sens else "")
         key += (f"-ga{accum}" if accum > 1 else "") + ("-per-micro" if per != "step" else "")
-        key += "-unbiased" if unbiased else ""
+        key += f"-{variant}" if variant else ""
         key += f"-{data}" if data else ""
         runs = read(cache)  # with what other processes added
         if key in runs:
@@ -209,7 +232,7 @@ def main() -> None:
         # so it is scored once per task and split
         scoring = {"eval_split": split, "eval_examples": 0}
         same_task = re.compile(
-            rf"-{split}(-drop[0-9.]+)?(-sensitivity)?(-ga[0-9]+)?(-per-micro)?(-unbiased)?"
+            rf"-{split}(-drop[0-9.]+)?(-sensitivity)?(-ga[0-9]+)?(-per-micro)?(-[a-z-]+only|-unbiased)?"
             + (f"-{data}$" if data else "$")
         )
         scoring["eval_before"] = not any(same_task.search(k) for k in runs)
@@ -219,7 +242,7 @@ def main() -> None:
             setting |= {"batch_size": 8 // accum, "grad_accum": accum}
         if drop:
             setting["drop_per"] = per
-        with unbiased_dropbp(unbiased):
+        with dropbp_variant(variant):
             metrics = run(
                 TrainConfig(task="chat", max_steps=steps, output=str(folder), **setting, **scoring)
             )
@@ -239,12 +262,12 @@ def main() -> None:
         return metrics["after"][split]["exact_match"]
 
     def best_rate(method, r, alpha, rates, drop=0.0, sens=False, steps=None, accum=1, per="step",
-                  unbiased=False):  # fmt: skip
+                  variant=None):  # fmt: skip
         """The validation sweep (extended at an edge) and its best rate."""
 
         def val(lr):
             run = train(
-                method, r, alpha, lr, 0, "validation", drop, steps, None, sens, accum, per, unbiased
+                method, r, alpha, lr, 0, "validation", drop, steps, None, sens, accum, per, variant
             )
             return score(run, "validation")
 
@@ -267,7 +290,7 @@ def main() -> None:
             name, method, r, alpha, rates, drop, steps, data, sens = c[:9]
             if args.only and name != args.only:
                 continue
-            how = (c.accum, c.per, c.unbiased)
+            how = (c.accum, c.per, c.variant)
             if isinstance(rates, str):  # the rate chosen for another configuration, no sweep
                 other = configs[rates]
                 sweep, best = {}, best_rate(other.method, other.r, other.alpha, other.rates)[1]
@@ -279,7 +302,7 @@ def main() -> None:
             ]
             row = {"name": name, "lr": best, "drop_backward": drop, "steps": steps or args.steps}
             row |= {"drop_sensitivity": sens, "micro_batches": c.accum, "drop_per": c.per}
-            row["drop_unbiased"] = c.unbiased
+            row["drop_variant"] = c.variant
             row["data"] = data or "docstring (exact match)"
             row["sweep_validation_exact_match"] = {str(k): v for k, v in sweep.items()}
             losses = [m["after"]["test"]["loss"] for m in finals]

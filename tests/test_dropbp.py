@@ -366,6 +366,28 @@ def test_per_micro_batch_matches_a_detach_reference_and_skips_only_branches_drop
     assert not model.model._forward_pre_hooks
 
 
+def _study_variant():
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    try:
+        from smollm2_study import dropbp_variant
+    finally:
+        sys.path.pop(0)
+    return dropbp_variant
+
+
+def _gpt2_without_dropout():
+    model = paca.enable(tiny_gpt2().double(), r=4, seed=1).train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # the same function in every pattern
+    torch.manual_seed(2)  # deltas away from zero, so every branch's Jacobian takes part
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
 def test_the_studys_unbiased_variant_is_unbiased_and_dropbp_is_not():
     """scripts/smollm2_study.py measures a variant whose kept branches pass 1 / (1 - p) times
     their gradient down: over all drop patterns, a delta's gradient given that its branch is
@@ -373,29 +395,12 @@ def test_the_studys_unbiased_variant_is_unbiased_and_dropbp_is_not():
     docs/accuracy.md makes for each)."""
     import itertools
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-    try:
-        from smollm2_study import unbiased_dropbp
-    finally:
-        sys.path.pop(0)
+    dropbp_variant = _study_variant()
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
-
-    def build():
-        model = paca.enable(tiny_gpt2().double(), r=4, seed=1).train()
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0  # the same function in every pattern
-        torch.manual_seed(2)  # deltas away from zero, so every branch's Jacobian takes part
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(0.1 * torch.randn_like(p))
-        return model
-
-    full = _grads(build(), ids)
-    for unbiased in (False, True):
-        with unbiased_dropbp(unbiased):
-            model = paca.drop_backward(build(), rate=0.5, seed=0)
+    full = _grads(_gpt2_without_dropout(), ids)
+    for variant in (None, "unbiased"):
+        with dropbp_variant(variant):
+            model = paca.drop_backward(_gpt2_without_dropout(), rate=0.5, seed=0)
         controller = dropbp.get(model)
         n = len(controller.branches)
         mean = {name: torch.zeros_like(g) for name, g in full.items()}
@@ -407,8 +412,42 @@ def test_the_studys_unbiased_variant_is_unbiased_and_dropbp_is_not():
                 if g is not None:  # kept: P(pattern) / P(kept) = 0.5**n / 0.5
                     mean[name] += g * 0.5 ** (n - 1)
         errors = [((mean[k] - full[k]).abs().max() / full[k].abs().max()).item() for k in full]
-        if unbiased:
+        if variant:
             assert max(errors) < 1e-12, errors
         else:  # the lower layer's deltas miss the dropped branches' paths above them
             assert max(errors) > 1e-2, errors
+        paca.remove_drop_backward(model)
+
+
+def test_the_studys_path_only_and_update_only_variants():
+    """The two halves of DropBP the study measures apart, against independent references:
+    ``path-only`` (a dropped branch's input detached, its deltas trained) and ``update-only``
+    (the full gradient, the dropped branch's deltas left out of the step)."""
+    dropbp_variant = _study_variant()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    for variant in ("path-only", "update-only"):
+        with dropbp_variant(variant):
+            model = paca.drop_backward(_gpt2_without_dropout(), rate=0.5, seed=0)
+            controller = dropbp.get(model)
+            controller.dropped = frozenset({0, 2})  # layer 0's attention, layer 1's attention
+            got = _grads(model, ids)
+            controller.skip_dropped()  # what the optimizer step hook does
+            got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        reference = _gpt2_without_dropout()
+        handles = []
+        if variant == "path-only":  # no gradient reaches the residual stream through them
+            for name in ("transformer.h.0.ln_1", "transformer.h.1.ln_1"):
+                module = reference.get_submodule(name)
+                handles.append(module.register_forward_pre_hook(lambda m, a: (a[0].detach(),)))
+        want = _grads(reference, ids)
+        for h in handles:
+            h.remove()
+        for name, g in got.items():
+            if variant == "update-only" and name.startswith(("transformer.h.0.attn.",
+                                                             "transformer.h.1.attn.")):  # fmt: skip
+                assert g is None, name
+            else:
+                torch.testing.assert_close(g, want[name], rtol=1e-12, atol=1e-14, msg=name)
+        plain = _grads(_gpt2_without_dropout(), ids)  # the variants differ from no DropBP
+        assert any(not torch.allclose(plain[n], want[n]) for n in want) == (variant == "path-only")
         paca.remove_drop_backward(model)
