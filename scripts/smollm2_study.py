@@ -18,6 +18,10 @@ projections, the same step budget; the zero-shot base is every run's "before".
    examples as 4 micro-batches of 2 (``--grad-accum 4 --drop-per micro-batch``), and PaCA r16
    alone with the same micro-batches; then PaCA r16 + DropBP with a rate sweep of its own, and
    PaCA r16 with and without DropBP for 300 steps.
+6. DropBP taken apart (``dropbp_variant``, study-only variants not in the library): a dropped
+   branch's deltas trained but its path down cut (``path-only``), its deltas left out of the
+   step but its path kept (``update-only``), and DropBP with its gradient made unbiased by
+   scaling the kept branches' paths (``unbiased``, with a rate sweep of its own).
 
 Resolution: one run's exact match on 632 test examples has a standard error of about
 sqrt(p (1 - p) / 632), 1.6 points at p = 0.8 (95% interval about +-3.1 points); two methods are
