@@ -21,7 +21,8 @@ projections, the same step budget; the zero-shot base is every run's "before".
 6. DropBP taken apart (``dropbp_variant``, study-only variants not in the library): a dropped
    branch's deltas trained but its path down cut (``path-only``), its deltas left out of the
    step but its path kept (``update-only``), and DropBP with its gradient made unbiased by
-   scaling the kept branches' paths (``unbiased``, with a rate sweep of its own).
+   scaling the kept branches' paths (``unbiased``, with a rate sweep of its own), or scaled
+   half as much in the exponent, which keeps each path's mean square (``norm-preserving``).
 
 Resolution: one run's exact match on 632 test examples has a standard error of about
 sqrt(p (1 - p) / 632), 1.6 points at p = 0.8 (95% interval about +-3.1 points); two methods are
@@ -107,7 +108,12 @@ CONFIGS = [
     # and each of the two things it does to a dropped branch alone
     *(
         Config(f"PaCA r16 + DropBP 0.5, {v}", "paca", 16, 32, rates, 0.5, variant=v)
-        for v, rates in [("unbiased", [5e-3, 1e-2]), ("path-only", PACA16), ("update-only", PACA16)]
+        for v, rates in [
+            ("unbiased", [5e-3, 1e-2]),
+            ("path-only", PACA16),
+            ("update-only", PACA16),
+            ("norm-preserving", [5e-3, 1e-2]),
+        ]
     ),
 ]
 SEEDS = [0, 1, 2]
@@ -128,7 +134,7 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-VARIANTS = ("unbiased", "path-only", "update-only")  # dropbp_variant says what each does
+VARIANTS = ("unbiased", "path-only", "update-only", "norm-preserving")  # see dropbp_variant
 
 
 @contextlib.contextmanager
@@ -142,7 +148,10 @@ def dropbp_variant(variant: str | None):
     both but removes the bias: a kept branch passes ``1 / (1 - p)`` times its gradient down
     (scaled at its input; its own deltas' gradients are not), so with independent drops the
     gradient reaching every layer equals, in expectation over patterns, the one without
-    DropBP, at the cost of its variance (``tests/test_dropbp.py`` checks both claims)."""
+    DropBP, at the cost of its variance (``tests/test_dropbp.py`` checks both claims).
+    ``norm-preserving`` scales by ``1 / sqrt(1 - p)`` instead: a path through ``k`` branches
+    then keeps its mean square weight (1) where ``unbiased`` keeps its mean, between DropBP's
+    bias and the unbiased form's variance."""
     if variant is None:
         yield
         return
@@ -157,13 +166,14 @@ def dropbp_variant(variant: str | None):
         def forward(*args, **kwargs):
             active = module.training and torch.is_grad_enabled()
             dropped = active and index in self.dropped
-            if variant != "unbiased" and dropped:  # the branch runs with gradients
+            if variant in ("path-only", "update-only") and dropped:  # runs with gradients
                 if variant == "path-only" and position == 0:
                     args, kwargs = _at_input(args, kwargs, torch.Tensor.detach)
                 return plain(*args, **kwargs)
             rate = self.branches[index].rate
-            if variant == "unbiased" and active and not dropped and rate and position == 0:
-                scale = 1 / (1 - rate)
+            scaled = variant in ("unbiased", "norm-preserving")
+            if scaled and active and not dropped and rate and position == 0:
+                scale = 1 / (1 - rate) if variant == "unbiased" else (1 - rate) ** -0.5
                 args, kwargs = _at_input(args, kwargs, lambda x: _ScaleGrad.apply(x, scale))
             return dropbp(*args, **kwargs)
 
@@ -236,7 +246,8 @@ def main() -> None:
         # so it is scored once per task and split
         scoring = {"eval_split": split, "eval_examples": 0}
         same_task = re.compile(
-            rf"-{split}(-drop[0-9.]+)?(-sensitivity)?(-ga[0-9]+)?(-per-micro)?(-[a-z-]+only|-unbiased)?"
+            rf"-{split}(-drop[0-9.]+)?(-sensitivity)?(-ga[0-9]+)?(-per-micro)?"
+            + rf"(-(?:{'|'.join(VARIANTS)}))?"
             + (f"-{data}$" if data else "$")
         )
         scoring["eval_before"] = not any(same_task.search(k) for k in runs)
