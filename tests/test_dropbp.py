@@ -451,3 +451,36 @@ def test_the_studys_path_only_and_update_only_variants():
         plain = _grads(_gpt2_without_dropout(), ids)  # the variants differ from no DropBP
         assert any(not torch.allclose(plain[n], want[n]) for n in want) == (variant == "path-only")
         paca.remove_drop_backward(model)
+
+
+def test_the_studys_scaled_variants_against_a_hook_reference():
+    """``unbiased`` and ``norm-preserving`` in one pattern: DropBP's gradients with every kept
+    branch's gradient to its input scaled by 1 / (1 - p) or 1 / sqrt(1 - p), against hooks
+    on a plain model (detach the dropped outputs, scale the kept inputs' gradients)."""
+    dropbp_variant = _study_variant()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    for variant, scale in (("unbiased", 2.0), ("norm-preserving", 2.0**0.5)):
+        with dropbp_variant(variant):
+            model = paca.drop_backward(_gpt2_without_dropout(), rate=0.5, seed=0)
+            dropbp.get(model).dropped = frozenset({1})  # layer 0's MLP
+            got = _grads(model, ids)
+        reference = _gpt2_without_dropout()
+        handles = _detach_reference(reference, {"transformer.h.0.mlp"})
+
+        def scaled(module, args, scale=scale):
+            if not args[0].requires_grad:  # layer 0's input: the frozen embedding's output
+                return None
+            x = args[0].view_as(args[0])
+            x.register_hook(lambda grad, s=scale: grad * s)
+            return (x,)
+
+        for name in ("transformer.h.0.ln_1", "transformer.h.1.ln_1", "transformer.h.1.ln_2"):
+            handles.append(reference.get_submodule(name).register_forward_pre_hook(scaled))
+        want = _grads(reference, ids)
+        for h in handles:
+            h.remove()
+        assert got["transformer.h.0.mlp.c_fc.adapters.default.delta"] is None
+        for name, g in got.items():
+            if g is not None:
+                torch.testing.assert_close(g, want[name], rtol=1e-12, atol=1e-14, msg=name)
+        paca.remove_drop_backward(model)
