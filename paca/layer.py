@@ -114,6 +114,44 @@ def _install_optimizer_hook() -> None:
         )
 
 
+def columns_problem(
+    idx: torch.Tensor, delta: torch.Tensor, in_features: int, out_features: int
+) -> str | None:
+    """What makes ``(idx, delta)`` an invalid adapter of a layer with ``in_features`` inputs and
+    ``out_features`` outputs, in words; ``None`` if they are valid.
+
+    The one definition of a valid layer adapter, used by every writer (``save_adapter``,
+    ``export_lora``, ``merge``: through ``paca.model.check_finite``) and every reader (paca's
+    format, PEFT's and the authors' PaCA files): ``idx`` is ``(r,)`` int64 with ``r`` distinct
+    columns in ``0..in_features-1`` (a repeated column would be written twice in merged mode,
+    the last value winning, and summed in additive mode: two different models), and ``delta``
+    is a finite floating-point ``(out_features, r)`` tensor.
+
+    Args:
+        idx (torch.Tensor): column indices of shape ``(r,)``.
+        delta (torch.Tensor): trained values of shape ``(out_features, r)``.
+    """
+    if idx.dtype != torch.int64 or idx.dim() != 1:
+        return f"indices are {tuple(idx.shape)} {idx.dtype}, not a 1-D int64 tensor"
+    r = idx.numel()
+    if r == 0:
+        return "indices are empty (r must be >= 1)"
+    if not delta.is_floating_point() or tuple(delta.shape) != (out_features, r):
+        return (
+            f"delta is {tuple(delta.shape)} {delta.dtype}, not a floating-point "
+            f"({out_features}, {r}) tensor"
+        )
+    low, high = int(idx.min()), int(idx.max())
+    if low < 0 or high >= in_features:
+        return f"indices fall outside 0..{in_features - 1} (found {low}..{high})"
+    if idx.unique().numel() != r:
+        repeated = sorted({int(i) for i in idx if int((idx == i).sum()) > 1})
+        return f"indices repeat columns {repeated[:5]} (each column may appear once)"
+    if not torch.isfinite(delta).all():
+        return "delta holds NaN or inf"
+    return None
+
+
 class PacaAdapter(nn.Module):
     """One named adapter of a layer: ``delta`` ``(out, r)``, ``idx`` ``(r,)`` and, in merged
     mode, ``base_cols`` = ``W0[:, idx]`` to restore the base weight bit-exactly."""

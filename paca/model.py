@@ -26,7 +26,7 @@ from paca._moved import forward
 from paca.base_layer import describe, is_linear, is_quantized, layer_device, linear_shape
 from paca.config import PacaConfig
 from paca.errors import PacaError
-from paca.layer import PacaAdapter, PacaLinear, TrainedCopy, write_columns
+from paca.layer import PacaAdapter, PacaLinear, TrainedCopy, columns_problem, write_columns
 from paca.selection import STRATEGIES, column_scores, get_strategy, select_columns
 from paca.state import PacaState
 from paca.targets import find_targets, resolve_trainable
@@ -559,19 +559,31 @@ def _require_adapters(model: nn.Module, action: str) -> bool:
 
 
 def check_finite(model: nn.Module, adapter_name: str | None = None, action: str = "write") -> None:
-    """Refuses an adapter holding NaN or inf (before anything is written or merged).
+    """Refuses an invalid adapter (NaN or inf in it, above all) before anything is written or
+    merged: the writers' side of ``paca.layer.columns_problem``, which every reader applies to
+    the files.
 
     Raises:
-        PacaError: names the first layer whose ``delta`` is not finite.
+        PacaError: names the first layer whose ``delta`` or indices are invalid.
     """
     name = resolve_adapter(model, adapter_name, action)
-    for layer_name, _, adapter in adapter_layers(model, name):
-        if not torch.isfinite(adapter.delta).all():
+    for layer_name, layer, adapter in adapter_layers(model, name):
+        problem = columns_problem(
+            adapter.idx, adapter.delta.detach(), layer.in_features, layer.out_features
+        )
+        if problem is not None:
             raise PacaError(
-                f"delta of {layer_name} holds NaN or inf; refusing to {action} adapter {name!r} "
-                "(nothing was changed). Resume from an earlier checkpoint or lower the "
-                "learning rate"
+                f"{layer_name}: {problem}; refusing to {action} adapter {name!r} (nothing was "
+                "changed). Resume from an earlier checkpoint or lower the learning rate"
             )
+    for module_name, module in adapter_copies(model, name):
+        for key, value in module.state_dict().items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise PacaError(
+                    f"{module_name}.{key} (trained in full) holds NaN or inf; refusing to "
+                    f"{action} adapter {name!r} (nothing was changed). Resume from an earlier "
+                    "checkpoint or lower the learning rate"
+                )
 
 
 def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

@@ -258,7 +258,7 @@ def test_merge_refuses_non_finite_adapter_and_keeps_the_model():
         layer.delta[0, 0] = float("nan")
     before = snapshot(model)
     with pytest.raises(
-        ValueError, match="delta of model.layers.1.mlp.up_proj holds NaN or inf; refusing"
+        ValueError, match="model.layers.1.mlp.up_proj: delta holds NaN or inf; refusing"
     ):
         paca.merge(model)
     after = model.state_dict()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from paca.adapters.common import (
 from paca.base_layer import is_conv1d, linear_shape, read_cols
 from paca.config import PacaConfig
 from paca.errors import PacaError
-from paca.layer import PacaLinear
+from paca.layer import PacaLinear, columns_problem
 from paca.model import base_linear
 
 logger = logging.getLogger("paca")
@@ -74,7 +75,7 @@ def read(directory: Path, model: nn.Module) -> tuple[dict, dict[str, torch.Tenso
     r = config.get("r")
     if not isinstance(r, int) or r < 1:
         raise PacaError(f"{directory / ADAPTER_CONFIG} has r={r!r}; a PaCA adapter needs r >= 1")
-    alpha = float(config.get("paca_alpha") or config.get("lora_alpha") or r)
+    alpha = _alpha(config, r, directory / ADAPTER_CONFIG)
     scaling = alpha / r
     layers: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, dict[str, torch.Tensor]] = {}
@@ -111,8 +112,18 @@ def read(directory: Path, model: nn.Module) -> tuple[dict, dict[str, torch.Tenso
     for name, parts in sorted(layers.items()):
         module = base_linear(model, name, directory)
         in_features, out_features = linear_shape(module)
-        idx = parts["indices"].to(torch.long).reshape(-1)
-        values = parts["w" if original else "delta"].to(torch.float32)
+        idx, values = parts["indices"], parts["w" if original else "delta"]
+        if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise PacaError(
+                f"{weights}: layer {name}: indices are {idx.dtype}, not integers; the file is "
+                "damaged or not a PaCA adapter"
+            )
+        if not values.is_floating_point():
+            raise PacaError(
+                f"{weights}: layer {name}: values are {values.dtype}, not floating point; the "
+                "file is damaged or not a PaCA adapter"
+            )
+        idx, values = idx.to(torch.long).reshape(-1), values.to(torch.float32)
         if (
             values.shape == (r, out_features)
             and values.shape != (out_features, r)
@@ -124,9 +135,11 @@ def read(directory: Path, model: nn.Module) -> tuple[dict, dict[str, torch.Tenso
                 f"{weights}: layer {name} has indices {tuple(idx.shape)} and values "
                 f"{tuple(values.shape)}; expected ({r},) and ({out_features}, {r})"
             )
-        if int(idx.min()) < 0 or int(idx.max()) >= in_features or idx.unique().numel() != r:
+        problem = columns_problem(idx, values, in_features, out_features)
+        if problem is not None:
             raise PacaError(
-                f"{weights}: indices of {name} are not {r} distinct columns in 0..{in_features - 1}"
+                f"{weights}: layer {name}: {problem}; the file is damaged or was not written "
+                "by a PaCA implementation"
             )
         order = idx.argsort()  # paca keeps indices sorted; permute the values alike
         idx, values = idx[order], values[:, order]
@@ -172,6 +185,21 @@ def read(directory: Path, model: nn.Module) -> tuple[dict, dict[str, torch.Tenso
         + (f", trained modules {sorted(saved)}" if saved else "")
     )
     return meta, tensors, note
+
+
+def _alpha(config: dict, r: int, source: Path) -> float:
+    """The config's ``paca_alpha``, else ``lora_alpha`` (the authors' fork), else ``r``: the first
+    key present is used, so a zero or malformed value is refused rather than skipped."""
+    key = next((k for k in ("paca_alpha", "lora_alpha") if config.get(k) is not None), None)
+    if key is None:
+        return float(r)
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise PacaError(
+            f"{source} has {key}={value!r}; a PaCA adapter needs a finite number > 0 (the "
+            "update is scaled by alpha / r)"
+        )
+    return float(value)
 
 
 def _base_columns(model: nn.Module, name: str, idx: torch.Tensor) -> torch.Tensor:

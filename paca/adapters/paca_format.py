@@ -27,6 +27,7 @@ from paca.adapters.common import (
     ADAPTER_WEIGHTS,
     FORMAT,
     FORMAT_VERSION,
+    PEFT_WEIGHTS,
     atomic_file,
     base_model_name,
     cpu_tensors,
@@ -34,6 +35,7 @@ from paca.adapters.common import (
 from paca.base_layer import linear_shape
 from paca.config import PacaConfig
 from paca.errors import PacaError
+from paca.layer import columns_problem
 from paca.model import (
     active_adapter,
     adapter_copies,
@@ -184,6 +186,7 @@ def _check(
     tensors: dict[str, torch.Tensor],
     source: Path,
     replacing: str | None,
+    weights_file: Path,
 ) -> None:
     """Every check that can fail, before the model is touched."""
     config = meta["config"]
@@ -196,15 +199,6 @@ def _check(
             raise PacaError(
                 f"{source}: tensors of layer {name} are missing; save the adapter again"
             )
-        if (
-            delta.shape != (info["out_features"], r)
-            or idx.shape != (r,)
-            or idx.dtype != torch.int64
-        ):
-            raise PacaError(
-                f"{source}: layer {name} has delta {tuple(delta.shape)}, idx {tuple(idx.shape)} "
-                f"{idx.dtype}; expected ({info['out_features']}, {r}) and ({r},) int64"
-            )
         shape = linear_shape(base_linear(model, name, source))
         if shape != (info["in_features"], info["out_features"]):
             raise PacaError(
@@ -212,8 +206,17 @@ def _check(
                 f"out={info['out_features']}) but the model's is (in={shape[0]}, out={shape[1]}); "
                 "was the adapter trained on another model?"
             )
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= shape[0]):
-            raise PacaError(f"{source}: indices of layer {name} fall outside 0..{shape[0] - 1}")
+        problem = columns_problem(idx, delta, *shape)
+        if problem is not None:
+            raise PacaError(
+                f"{weights_file}: layer {name}: {problem}; the file is damaged or was not "
+                "written by paca: save the adapter again"
+            )
+        if idx.shape != (r,):
+            raise PacaError(
+                f"{source}: layer {name} has {idx.numel()} columns but the config says r={r}; "
+                "the adapter files do not belong together: save the adapter again"
+            )
     for name, keys in meta["trainable_modules"].items():
         expected |= {f"{name}.{k}" for k in keys}
         try:
@@ -229,6 +232,12 @@ def _check(
                 f"trainable module {name} from {source} has other tensors than the model's"
             )
         for key in keys:
+            value = tensors[f"{name}.{key}"]
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise PacaError(
+                    f"{weights_file}: trainable module {name}.{key} holds NaN or inf; the file "
+                    "is damaged: save the adapter again"
+                )
             if tensors[f"{name}.{key}"].shape != state[key].shape:
                 raise PacaError(
                     f"trainable module {name}.{key} from {source} has shape "
@@ -298,8 +307,10 @@ def load_adapter(
     if foreign.is_foreign(directory):
         meta, tensors, note = foreign.read(directory, model)
         foreign.logger.warning(note)
+        weights_file = directory / PEFT_WEIGHTS
     else:
         meta, tensors = _read(directory)
+        weights_file = directory / ADAPTER_WEIGHTS
     try:
         config = PacaConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as exc:
@@ -312,7 +323,8 @@ def load_adapter(
         action, name = "replace", adapter_name or active_adapter(model)
     else:
         action, name = "add", adapter_name
-    _check(model, meta, tensors, directory, replacing=name if action == "replace" else None)
+    replacing = name if action == "replace" else None
+    _check(model, meta, tensors, directory, replacing, weights_file)
     indices = {layer: tensors[f"{layer}.idx"] for layer in meta["layers"]}
     targets = list(meta["layers"])
     if action == "enable":
