@@ -11,10 +11,15 @@ Imports: ``paca.recipes`` and the public API.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
+import os
 import re
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import paca
@@ -24,6 +29,11 @@ from paca.errors import PacaError
 from paca.recipes import bench, generate, train
 from paca.recipes.loading import load_model
 from paca.selection import STRATEGIES
+
+_MODEL_HELP = (
+    "the base model: local folder or hub id (default: the one the adapter records as "
+    "base_model_name_or_path)"
+)
 
 
 def _bench_parser(sub) -> None:
@@ -138,7 +148,7 @@ def _export_parsers(sub) -> None:
             "format: lora, an exactly equivalent LoRA adapter (A = one-hot column selectors, "
             "B = scaling * delta); peft, PEFT's PaCA format (peft>=0.22, nn.Linear layers only).",
         )
-        p.add_argument("--model", required=True, help="the base model: local folder or hub id")
+        p.add_argument("--model", default=None, help=_MODEL_HELP)
         p.add_argument(
             "--adapter", required=True, help="the PaCA adapter folder (any format paca reads)"
         )
@@ -149,7 +159,7 @@ def _export_parsers(sub) -> None:
 
 def _run_export(args) -> int:
     _check_output_and_adapter(args)
-    model = load_model(args.model, args.adapter)
+    model = load_model(_base_model(args), args.adapter)
     paca.load_adapter(model, args.adapter, device="cpu")
     layers = len(paca.paca_layers(model))
     if args.format == "peft":
@@ -165,6 +175,20 @@ def _run_export(args) -> int:
         print(f"  (vLLM refuses its modules_to_save {hints['modules_to_save']}: serve the merged"
               " model, paca merge, for those)")  # fmt: skip
     return 0
+
+
+def _base_model(args) -> str:
+    """``--model``, else the base the adapter records (said on stdout, so the user sees which)."""
+    if args.model is not None:
+        return args.model
+    recorded = generate.recorded_base(args.adapter)
+    if recorded is None:
+        raise PacaError(
+            f"adapter={args.adapter} does not record its base model (no "
+            "base_model_name_or_path in its adapter_config.json); pass model=<folder or hub id>"
+        )
+    print(f"base model: {recorded} (recorded in {Path(args.adapter) / 'adapter_config.json'})")
+    return recorded
 
 
 def _check_output_and_adapter(args) -> None:
@@ -304,7 +328,7 @@ def _merge_parser(sub) -> None:
         help="fold a PaCA adapter into the base model and save a plain transformers model",
         description="The output loads with transformers alone (no paca needed).",
     )
-    p.add_argument("--model", required=True, help="the base model: local folder or hub id")
+    p.add_argument("--model", default=None, help=_MODEL_HELP)
     p.add_argument("--adapter", required=True, help="the PaCA adapter folder")
     p.add_argument("--output", required=True, help="the folder to write the merged model to")
     p.add_argument("--force", action="store_true", help="replace --output if it exists")
@@ -314,13 +338,14 @@ def _run_merge(args) -> int:
     import transformers
 
     _check_output_and_adapter(args)
-    model = load_model(args.model, args.adapter)
+    base = _base_model(args)
+    model = load_model(base, args.adapter)
     paca.load_adapter(model, args.adapter, device="cpu")
     paca.merge(model)
     with atomic_dir(args.output, replace=args.force) as staging:
         model.save_pretrained(staging)
         try:
-            transformers.AutoTokenizer.from_pretrained(args.model).save_pretrained(staging)
+            transformers.AutoTokenizer.from_pretrained(base).save_pretrained(staging)
         except (OSError, ValueError):
             pass  # a model folder without a tokenizer: nothing to copy
     print(f"wrote merged model {args.output}")
@@ -341,15 +366,79 @@ def _as_flags(message: str, parser: argparse.ArgumentParser) -> str:
     return message
 
 
+# set to 1 to see other packages' warnings and log lines, as --verbose does
+VERBOSE_ENV = "PACA_VERBOSE"
+
+
+class _OwnOrSevere(logging.Filter):
+    """Passes paca's own records, and errors of any package."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.split(".")[0] == "paca" or record.levelno >= logging.ERROR
+
+
+@contextlib.contextmanager
+def _quiet_third_parties() -> Iterator[None]:
+    """While a command runs: other packages' warnings, their log lines below ERROR and
+    transformers' loading bars hidden (a new user cannot act on them: DeepSpeed's accelerator
+    guess, which accelerate triggers by importing it whenever it is installed; bitsandbytes'
+    missing optional kernels; deprecations inside transformers). paca's own warnings and log
+    lines and every error still show; everything is as it was afterwards, so code that calls
+    ``main`` in-process (tests, notebooks) keeps its own settings. The library never does this.
+    """
+    from transformers.utils import logging as hf_logging
+
+    quiet = _OwnOrSevere()
+    root = logging.getLogger()
+    handler = logging.StreamHandler()  # stands in for logging's last resort, filtered
+    handler.addFilter(quiet)
+    # DeepSpeed's logger writes through its own handler and does not propagate
+    own_handlers = [logging.getLogger("DeepSpeed")]
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", module=r"paca(\.|$)")
+        if not root.handlers:
+            root.addHandler(handler)
+        for logger in own_handlers:
+            logger.addFilter(quiet)
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            root.removeHandler(handler)
+            for logger in own_handlers:
+                logger.removeFilter(quiet)
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="paca", description="Partial Connection Adaptation tools")
+    verbose_help = (
+        f"also show other packages' warnings and log lines (or set {VERBOSE_ENV}=1); by "
+        "default only paca's own and errors are shown"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _bench_parser(sub)
     _merge_parser(sub)
     _export_parsers(sub)
     _generate_parser(sub)
+    for command in sub.choices.values():  # after the command too: `paca train --verbose`
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help
+        )
     args = parser.parse_args(argv)
+    verbose = args.verbose or os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+    with contextlib.nullcontext() if verbose else _quiet_third_parties():
+        return _run(args, sub)
+
+
+def _run(args, sub) -> int:
     try:
         if args.command == "bench":
             return _run_bench(args, sub.choices["bench"])

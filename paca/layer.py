@@ -19,7 +19,6 @@ from torch.optim.optimizer import (
 
 from paca import base_layer as kinds
 from paca import ops, quant
-from paca._moved import forward
 from paca.errors import PacaError
 
 # Layers whose delta an optimizer may own, by id(delta); used by the optimizer step hook.
@@ -473,7 +472,3 @@ class TrainedCopy(nn.Module):
 
     def enable(self) -> None:
         self._disabled -= 1
-
-
-# paca 0.1 answered "what kind of layer is this" here; paca.base_layer does now
-__getattr__ = forward("paca.layer", "paca.base_layer")

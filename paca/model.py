@@ -22,7 +22,6 @@ from torch import nn
 
 from paca import backends, dropbp, quant
 from paca import state as paca_state
-from paca._moved import forward
 from paca.base_layer import describe, is_linear, is_quantized, layer_device, linear_shape
 from paca.config import PacaConfig
 from paca.errors import PacaError
@@ -95,6 +94,25 @@ def _model_devices(model: nn.Module) -> set[torch.device]:
 
 def _offloaded(model: nn.Module) -> bool:
     return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def _execution_devices(model: nn.Module) -> set[torch.device]:
+    """Where accelerate's hooks run the model's layers (their ``execution_device``), with the
+    index written out (``cuda`` is ``cuda:0``) so devices compare equal however they were given."""
+    found = set()
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            device = getattr(h, "execution_device", None)
+            if device is not None:
+                found.add(_indexed(torch.device(device)))
+    return found
+
+
+def _indexed(device: torch.device) -> torch.device:
+    return (
+        device if device.index is not None or device.type == "cpu" else torch.device(device.type, 0)
+    )
 
 
 def _check_trainable(model: nn.Module, trainable: list[str]) -> None:
@@ -302,11 +320,16 @@ def enable_config(
     else:
         target_device = backends.resolve_device(config.device, current)
         if _offloaded(model):
-            raise PacaError(
-                f"device={config.device!r}: this model's weights are offloaded by accelerate "
-                "(on the meta device, loaded per call), so paca cannot move it; pass "
-                "device='auto' to keep accelerate's placement"
-            )
+            runs_on = _execution_devices(model) | {_indexed(d) for d in devices}
+            if runs_on != {_indexed(target_device)}:
+                where = ", ".join(sorted(str(d) for d in runs_on)) or "an unknown device"
+                raise PacaError(
+                    f"device={config.device!r}: this model's weights are offloaded by "
+                    f"accelerate (on the meta device, loaded per call onto {where}), so paca "
+                    "cannot move it; pass device='auto' (or that device) to keep accelerate's "
+                    "placement"
+                )
+            target_device = None  # it already runs there: nothing to move
 
     # Nothing has changed so far; from here on, undo everything on failure.
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -701,7 +724,3 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module in reversed(done):
             module.enable()
-
-
-# paca 0.1 kept the default targets here; paca.targets has them now
-__getattr__ = forward("paca.model", "paca.targets")

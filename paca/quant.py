@@ -20,7 +20,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from paca._moved import forward
 from paca.base_layer import SUPPORTED, features, layer_device
 from paca.errors import PacaError, require
 
@@ -254,7 +253,3 @@ def bnb_config(
             llm_int8_skip_modules=skip,
         )
     return transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-
-
-# paca 0.1 had features/is_quantized/layer_device here; paca.base_layer has them now
-__getattr__ = forward("paca.quant", "paca.base_layer")

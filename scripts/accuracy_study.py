@@ -6,7 +6,7 @@ task of ``paca train`` (all-MiniLM-L6-v2, standard-library docstrings), same ste
 2. The best rate of each configuration, on seeds 0, 1, 2; test accuracy mean and spread.
 
 Every finished run is cached in OUT/runs.json, so an interrupted study resumes where it
-stopped. Writes docs/accuracy.md and docs/accuracy.json.
+stopped. Writes docs/accuracy.md and docs/results/accuracy.json.
 
     python scripts/accuracy_study.py [--steps 200] [--out /tmp/paca-accuracy]
 """
@@ -37,6 +37,7 @@ CONFIGS = [
 ]
 SEEDS = [0, 1, 2]
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+RESULTS = DOCS / "results"  # raw results; the documents stay in docs/
 
 
 def saved_bytes(method: str, r: int, alpha: float) -> int:
@@ -172,7 +173,7 @@ def main() -> None:
         "configs": table,
         "torch": torch.__version__,
     }
-    (DOCS / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         "| configuration | lr (best on validation) | test accuracy % (mean ± std, 3 seeds) "
         "| seeds | trainable params | s/step | saved for backward MiB |",

@@ -13,7 +13,7 @@ adapter trained by ``paca train --quantize 4bit`` (bitsandbytes nf4 base):
   trained head but without the columns (``paca.disabled``).
 
     paca train --quantize 4bit --output /tmp/q4
-    python scripts/requantize_study.py --adapter /tmp/q4 [--json docs/requantize.json]
+    python scripts/requantize_study.py --adapter /tmp/q4 [--json docs/results/requantize.json]
 """
 
 import argparse

@@ -29,8 +29,9 @@ sqrt(p (1 - p) / 632), 1.6 points at p = 0.8 (95% interval about +-3.1 points); 
 compared on the same examples, paired, and over 3 seeds, so the mean difference resolves less
 than that, but a 1-point difference is at the edge of what this split can show.
 
-Every finished run goes into docs/smollm2_study_runs.json at once (committed with the repository,
-so the study resumes across sessions where it stopped); a run takes 4-7 minutes on 2 CPU cores.
+Every finished run goes into docs/results/smollm2_study_runs.json at once (committed with the
+repository, so the study resumes across sessions where it stopped); a run takes 4-7 minutes on
+2 CPU cores.
 Several processes may share the cache (each write re-reads it under a lock
 and adds its own run), but on 2 cores one process with both threads is faster: two one-thread
 processes took 6.5 s (PaCA) and 9.2 s (full) per step, one PaCA run alone 2.5 s.
@@ -118,7 +119,8 @@ CONFIGS = [
 ]
 SEEDS = [0, 1, 2]
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-CACHE = DOCS / "smollm2_study_runs.json"
+RESULTS = DOCS / "results"  # raw results; the documents stay in docs/
+CACHE = RESULTS / "smollm2_study_runs.json"
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -344,7 +346,7 @@ def main() -> None:
                 m["before"]["test"],
             )
     summary = {"steps": args.steps, "seeds": SEEDS, "zero_shot": zero_shot, "configs": table}
-    (DOCS / "smollm2_study.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (RESULTS / "smollm2_study.json").write_text(json.dumps(summary, indent=2) + "\n")
     for row in table:
         seeds = ", ".join(f"{t:.1f}" for t in row.get("test_exact_match", [])) or ", ".join(
             f"{t:.3f}" for t in row["test_answer_loss"]

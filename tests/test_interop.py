@@ -220,3 +220,32 @@ def test_serving_hints_of_a_folder_that_is_no_lora_export(tmp_path):
 
     with pytest.raises(ValueError, match="is not the config of a LoRA adapter"):
         serving_hints(tmp_path)
+
+
+def test_cli_export_and_merge_default_to_the_base_the_adapter_records(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = adapted(lambda: AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval())
+    ids = token_batch()
+    expected = model(ids).logits.detach()
+    paca.save_adapter(model, tmp_path / "adapter")  # records base_model_name_or_path
+    argv = ["export", "--adapter", str(tmp_path / "adapter")]
+    assert main([*argv, "--output", str(tmp_path / "lora")]) == 0
+    assert f"base model: {tmp_path / 'base'} (recorded in" in capsys.readouterr().out
+    lora = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora").eval()
+    torch.testing.assert_close(lora(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output",
+                 str(tmp_path / "merged")]) == 0  # fmt: skip
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    # an adapter that records no base: one line naming the fix, nothing written
+    paca.save_adapter(adapted(tiny_llama), tmp_path / "anonymous")
+    config = tmp_path / "anonymous" / "adapter_config.json"
+    config.write_text(
+        json.dumps(json.loads(config.read_text()) | {"base_model_name_or_path": None})
+    )
+    assert main(["export", "--adapter", str(config.parent), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "does not record its base model" in err and "pass --model <folder" in err
+    assert not (tmp_path / "o").exists()

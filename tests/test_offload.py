@@ -100,9 +100,24 @@ def test_merged_mode_and_moving_are_refused_for_offloaded_layers(tmp_path):
     model = _offloaded("cpu_offload", tmp_path, tiny_llama())
     with pytest.raises(ValueError, match="mode='merged' cannot adapt .*offloaded"):
         paca.enable(model, r=4, mode="merged")
-    with pytest.raises(ValueError, match="offloaded by accelerate.*device='auto'"):
-        paca.enable(model, r=4, device="cpu")
+    # a stand-in for a model that runs on an accelerator: its hooks say so (never run)
+    for module in model.modules():
+        if hasattr(module, "_hf_hook"):
+            module._hf_hook.execution_device = torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="offloaded by accelerate.*onto .*cuda:0.*device='auto'"):
+        paca.enable(model, r=4, device="cpu")  # a real move: off the accelerator
     assert not paca.paca_layers(model) and paca.get_state(model) is None
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_the_device_an_offloaded_model_runs_on_is_accepted(tmp_path, how):
+    base = tiny_llama()
+    ids = token_batch()
+    model = paca.enable(_offloaded(how, tmp_path, base), r=4, device="cpu")
+    layers = paca.paca_layers(model)
+    assert len(layers) == 14 and all(layer.mode == "additive" for _, layer in layers
+                                     if layer.base_layer.weight.is_meta)  # fmt: skip
+    assert torch.equal(model(ids).logits, base(ids).logits)
 
 
 def test_an_offloaded_module_cannot_be_trained_in_full(tmp_path):

@@ -21,13 +21,20 @@ from paca.recipes import smollm2
 from paca.recipes.loading import load_model
 
 
-def base_model_of(adapter: str | Path) -> str:
-    """The base model an adapter was trained on, when its folder still exists; else SmolLM2."""
+def recorded_base(adapter: str | Path) -> str | None:
+    """The base model an adapter's config records (``base_model_name_or_path``: a folder or a
+    hub id), or ``None``."""
     config = Path(adapter) / ADAPTER_CONFIG
     try:
         name = json.loads(config.read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         name = None
+    return name if isinstance(name, str) and name else None
+
+
+def base_model_of(adapter: str | Path) -> str:
+    """The base model an adapter was trained on, when its folder still exists; else SmolLM2."""
+    name = recorded_base(adapter)
     if name and Path(name).is_dir():
         return name
     return str(smollm2.model_folder())

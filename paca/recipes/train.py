@@ -32,8 +32,6 @@ from paca import backends
 from paca.adapters.common import atomic_file, cpu_tensors
 from paca.base_layer import is_quantized
 from paca.errors import MissingDependency, PacaError, require
-from paca.integrations.hf import DropBackwardCallback, quantized_training
-from paca.integrations.hf import Trainer as AdapterTrainer
 from paca.quant import BITS, bnb_config
 from paca.recipes import smollm2
 from paca.recipes.generate import greedy, prompt_ids
@@ -646,6 +644,11 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
     import numpy as np
     import transformers
 
+    # here, not at the top: transformers' Trainer imports peft (and with it bitsandbytes), so
+    # `paca --help` and the other commands stay fast and quiet
+    from paca.integrations.hf import DropBackwardCallback, quantized_training
+    from paca.integrations.hf import Trainer as AdapterTrainer
+
     def accuracy(prediction):
         logits = (
             prediction.predictions[0]
@@ -666,6 +669,14 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
                 steps = state.global_step - self.start[1]
                 logs["examples_per_s"] = round(steps * cfg.batch_size * cfg.grad_accum / seconds, 1)
 
+    class _LastStepLogged(transformers.TrainerCallback):
+        """Logs the loss at the last step too (with ``logging_first_step``, the first), so
+        ``metrics.json`` has both whatever ``logging_steps`` is."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+
     steps = cfg.max_steps
     total = steps or math.ceil(
         cfg.epochs * math.ceil(len(datasets["train"]) / (cfg.batch_size * cfg.grad_accum))
@@ -682,6 +693,7 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
         warmup_steps=int(0.06 * total),  # a count: warmup_ratio is gone in transformers 5
         weight_decay=0.0,
         logging_steps=cfg.logging_steps,
+        logging_first_step=True,
         save_strategy="steps",
         save_steps=cfg.save_steps or max(50, total // 3),
         save_total_limit=1,
@@ -714,6 +726,7 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
         )
     # ahead of the progress bar's callback, so the loss line it prints carries the throughput
     trainer.callback_handler.callbacks.insert(0, _Throughput())
+    trainer.add_callback(_LastStepLogged())
     if cfg.drop_backward:
         at = 0.1 if cfg.drop_sensitivity else None
         trainer.add_callback(DropBackwardCallback(sensitivity_at=at))
