@@ -383,8 +383,9 @@ def _quiet_third_parties() -> Iterator[None]:
     transformers' loading bars hidden (a new user cannot act on them: DeepSpeed's accelerator
     guess, which accelerate triggers by importing it whenever it is installed; bitsandbytes'
     missing optional kernels; deprecations inside transformers). paca's own warnings and log
-    lines and every error still show; everything is as it was afterwards, so code that calls
-    ``main`` in-process (tests, notebooks) keeps its own settings. The library never does this.
+    lines, the Trainer's progress bar and loss lines, and every error still show; everything
+    is as it was afterwards, so code that calls ``main`` in-process (tests, notebooks) keeps its
+    own settings. The library never does this.
     """
     from transformers.utils import logging as hf_logging
 
@@ -392,25 +393,29 @@ def _quiet_third_parties() -> Iterator[None]:
     root = logging.getLogger()
     handler = logging.StreamHandler()  # stands in for logging's last resort, filtered
     handler.addFilter(quiet)
-    # DeepSpeed's logger writes through its own handler and does not propagate
-    own_handlers = [logging.getLogger("DeepSpeed")]
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.get_logger()  # transformers' handler exists from here on
+    # Filters on handlers see the records of every child logger; levels are left alone (the
+    # Trainer shows its progress bar only while transformers' level is WARNING or below).
+    handlers = [h for h in logging.getLogger("transformers").handlers if quiet not in h.filters]
+    # DeepSpeed logs on its "DeepSpeed" logger through a handler made when it is imported
+    deepspeed = logging.getLogger("DeepSpeed")
+    bars = hf_logging.is_progress_bar_enabled()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore")
         warnings.filterwarnings("default", module=r"paca(\.|$)")
         if not root.handlers:
             root.addHandler(handler)
-        for logger in own_handlers:
-            logger.addFilter(quiet)
-        hf_logging.set_verbosity_error()
+        for h in handlers:
+            h.addFilter(quiet)
+        deepspeed.addFilter(quiet)
         hf_logging.disable_progress_bar()
         try:
             yield
         finally:
             root.removeHandler(handler)
-            for logger in own_handlers:
-                logger.removeFilter(quiet)
-            hf_logging.set_verbosity(verbosity)
+            for h in handlers:
+                h.removeFilter(quiet)
+            deepspeed.removeFilter(quiet)
             if bars:
                 hf_logging.enable_progress_bar()
 

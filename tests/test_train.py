@@ -115,9 +115,11 @@ def test_comparison_methods_run(tmp_path, tiny_bert, method):
     argv = ["train", "--task", "classification", "--model", str(tiny_bert), "--data", str(data)]
     argv += ["--method", method]
     assert main([*argv, "--max-steps", "3", "--batch-size", "8", "--output", str(out)]) == 0
-    assert (out / "adapter").is_dir() and json.loads((out / "metrics.json").read_text())[
-        "method"
-    ] == method
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (out / "adapter").is_dir() and metrics["method"] == method
+    # 3 steps, fewer than logging_steps (25): the first and last loss are recorded all the same
+    first, last = metrics["train"]["first_loss"], metrics["train"]["last_loss"]
+    assert isinstance(first, float) and isinstance(last, float) and first != last
 
 
 @pytest.mark.parametrize("selection", ["activation", "gradient"])
