@@ -250,7 +250,14 @@ def _train_parser(sub) -> None:
     p.add_argument(
         "--eval-split", default="test", choices=["test", "validation"], help="chat: scored split"
     )
-    p.add_argument("--bf16", action="store_true")
+    p.add_argument(
+        "--precision",
+        choices=train.PRECISIONS,
+        default=defaults.precision,
+        help="auto (default): bf16 where the device computes it natively, else fp32; bf16: "
+        "frozen weights in bf16, trained tensors and optimizer state in fp32",
+    )
+    p.add_argument("--bf16", action="store_true", help="the same as --precision bf16")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument(
         "--drop-backward",

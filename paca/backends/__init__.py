@@ -10,6 +10,8 @@ Each backend module declares, at top level and nothing else:
 * ``KERNELS`` (dict): op name -> kernel; ops it leaves out run their reference kernel.
 * optionally ``synchronize(device)``, ``max_memory_allocated(device)``,
   ``reset_peak_memory_stats(device)`` where ``torch.<device type>`` lacks them.
+* optionally ``bf16_support(device) -> (bool, str)``: whether the device computes bf16
+  natively, and why (what ``precision="auto"`` of ``paca train`` asks).
 
 Adding a device is one file in this folder plus one line in ``MODULES``. Importing a backend
 module touches no device: CUDA is not initialised and ``habana_frameworks`` is not imported
@@ -162,3 +164,12 @@ def reset_device_memory(device: torch.device) -> None:
     function = None if device.type == "cpu" else _device_function(device, "reset_peak_memory_stats")
     if function is not None:
         function(device)
+
+
+def bf16_support(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` computes bf16 natively (faster than fp32), and why, in words: the
+    backend's ``bf16_support`` probe; a backend without one is taken not to."""
+    probe = getattr(table().get(device.type), "bf16_support", None)
+    if probe is None:
+        return False, f"paca does not know whether {device.type} computes bf16 natively"
+    return probe(device)

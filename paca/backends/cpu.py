@@ -13,6 +13,19 @@ def is_available() -> bool:
     return True
 
 
+def bf16_support(device) -> tuple[bool, str]:
+    # torch's own CPU feature probes (cpuinfo), not /proc/cpuinfo. Without AVX512-BF16 or AMX
+    # bf16 GEMMs are emulated: 2048x576 @ 576x1536 took 2880 ms in bf16 against 22.9 ms in
+    # fp32 on an AMD EPYC with AVX2 only (torch 2.13.0+cpu), while a CPU with AVX512-BF16 ran
+    # it 2.3x faster in bf16 (docs/benchmarks.md, "Precision").
+    cpu = torch.cpu
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return True, "this CPU has AMX"
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return True, "this CPU has AVX512-BF16"
+    return False, "this CPU has neither AVX512-BF16 nor AMX, so bf16 would be emulated and slow"
+
+
 def partial_grad(grad_out, x_idx, scaling):
     # CPU GEMMs in bf16/fp16 are not faster than fp32 for this tall-skinny product
     # (out x tokens x r), so accumulate and return in fp32 directly. (x2d.T @ g2d).T is the

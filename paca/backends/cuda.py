@@ -16,6 +16,13 @@ def is_available() -> bool:
     return torch.cuda.is_available()
 
 
+def bf16_support(device) -> tuple[bool, str]:
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 8:  # Ampere and later: bf16 tensor cores
+        return True, f"this GPU (compute capability {major}.{minor}) has bf16 tensor cores"
+    return False, f"this GPU (compute capability {major}.{minor}) has no bf16 tensor cores"
+
+
 def partial_grad(grad_out, x_idx, scaling):
     # Tensor cores take bf16/fp16 operands and accumulate in fp32; the scaling rides in the
     # GEMM epilogue (addmm's alpha) instead of a separate multiply kernel.

@@ -32,6 +32,10 @@ def is_available() -> bool:
     return hasattr(torch, "hpu") and torch.hpu.is_available()
 
 
+def bf16_support(device) -> tuple[bool, str]:
+    return True, "Gaudi's matrix engine (MME) computes bf16 natively"
+
+
 def scatter_cols(cols, idx, in_features):
     # index_add on zeros lowers to a single scatter-add node in the Gaudi graph compiler.
     out = cols.new_zeros((*cols.shape[:-1], in_features))

@@ -19,4 +19,9 @@ def is_available() -> bool:
     return xpu is not None and xpu.is_available()
 
 
+def bf16_support(device) -> tuple[bool, str]:
+    native = bool(torch.xpu.is_bf16_supported())
+    return native, f"torch.xpu.is_bf16_supported() is {native}"
+
+
 KERNELS = {"partial_grad": partial_grad}

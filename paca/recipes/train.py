@@ -40,6 +40,7 @@ from paca.selection import STRATEGIES, get_strategy
 from paca.targets import HEAD_NAMES, find_targets, resolve_trainable
 
 TASKS = ("chat", "classification", "causal-lm")
+PRECISIONS = ("auto", "fp32", "bf16")
 METHODS = ("paca", "lora", "full", "head")
 CALIBRATION_BATCHES = 8
 EXAMPLES = 3  # generations shown before/after by the chat task
@@ -98,7 +99,17 @@ class TrainConfig:
         grad_accum (int): steps accumulated per optimizer step.
         seq_len (int | None): tokens per example (longer ones are cut; a chat prompt loses the
             end of its text, never its answer).
-        bf16 (bool): bf16 autocast.
+        precision (str): ``fp32``, ``bf16`` or ``auto`` (default): ``bf16`` where the device
+            computes it natively (a GPU with bf16 tensor cores, Gaudi, a CPU with AVX512-BF16
+            or AMX; ``paca.backends.bf16_support``), else ``fp32``; the run says which and why.
+            ``bf16`` loads the frozen weights in bf16 (half the memory) and trains under bf16
+            autocast, while every trained tensor (PaCA's deltas, LoRA's matrices, a trained
+            head) and the optimizer state stay fp32; merged PaCA layers then compute with the
+            bf16 rounding of ``W0 + scaling * delta`` (each column rounded once from the fp32
+            value, so small updates accumulate in ``delta``, never lost to rounding). Full
+            fine-tuning keeps fp32 weights under bf16 autocast. A run whose loss turns NaN or
+            inf stops at that step, saying so, and writes nothing.
+        bf16 (bool): the same as ``precision="bf16"`` (kept for scripts that set it).
         gradient_checkpointing (bool): recompute activations in backward.
         seed (int): seed of the model head, column selection and data order.
         device (str): ``auto``, ``cpu``, ``cuda`` or ``hpu``.
@@ -141,6 +152,7 @@ class TrainConfig:
     batch_size: int | None = None
     grad_accum: int = 1
     seq_len: int | None = None
+    precision: str = "auto"
     bf16: bool = False
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -207,6 +219,14 @@ class TrainConfig:
             raise TrainError("drop_sensitivity needs drop_backward > 0")
         if self.drop_per not in paca.dropbp.PER:
             raise TrainError(f"drop_per={self.drop_per!r}: use 'step' or 'micro-batch'")
+        if self.precision not in PRECISIONS:
+            raise TrainError(
+                f"precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}"
+            )
+        if self.bf16:
+            if self.precision == "fp32":
+                raise TrainError("bf16=True contradicts precision='fp32'; drop one of them")
+            self.precision = "bf16"
         if self.lr is not None and not self.lr > 0:
             raise TrainError(f"lr={self.lr} must be > 0")
 
@@ -527,6 +547,27 @@ def _write_json(path: Path, data: dict) -> None:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def say(message: str) -> None:
+    """A line of the run's own (model choice, precision, batch) on stdout."""
+    print(f"paca train: {message}", flush=True)
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """``(fp32 | bf16, why)`` for a ``precision`` setting on ``device``."""
+    if precision != "auto":
+        return precision, "as asked"
+    native, why = backends.bf16_support(device)
+    return ("bf16" if native else "fp32"), f"auto: {why}"
+
+
+def _trained_in_fp32(model) -> None:
+    """Every trainable tensor in fp32 (a head or LoRA matrices made in a bf16 model's dtype):
+    the optimizer's updates are then never rounded to bf16."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+
+
 def run(cfg: TrainConfig) -> dict:
     """Trains and evaluates; writes everything into ``cfg.output`` at the end. Returns metrics."""
     import transformers
@@ -555,14 +596,15 @@ def run(cfg: TrainConfig) -> dict:
     for split_items in rows.values():
         _require_fields(split_items, fields, str(data_path))
     transformers.set_seed(cfg.seed)
-    extra = {}
+    precision, why = resolve_precision(cfg.precision, device)
+    say(f"precision {precision} ({why})")
+    # frozen weights in the compute dtype; what trains stays fp32 (_trained_in_fp32)
+    dtype = torch.bfloat16 if precision == "bf16" and cfg.method != "full" else torch.float32
+    extra = dtype_argument(dtype)  # also the unquantized rest of a quantized model
     if cfg.quantize:
         try:  # the head stays unquantized and trained
             skip = list(HEAD_NAMES) if cfg.task == "classification" else None
-            dtype = torch.bfloat16 if cfg.bf16 else torch.float32
             extra["quantization_config"] = bnb_config(cfg.quantize, dtype, skip)
-            # the unquantized rest in the compute dtype (transformers 4.x would pick float16)
-            extra.update(dtype_argument(dtype))
         except ValueError as exc:
             raise TrainError(f"quantize={cfg.quantize}: {exc}") from None
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_path))
@@ -598,6 +640,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.method == "paca" and get_strategy(cfg.selection).calibrated:
         calibration = calibration_batches(datasets["train"], collator, cfg)
     model = apply_method(model, cfg, device, calibration)
+    _trained_in_fp32(model)
     if cfg.drop_backward:
         paca.drop_backward(model, rate=cfg.drop_backward, seed=cfg.seed, per=cfg.drop_per)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -613,9 +656,12 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.resume and not any((partial / "checkpoints").glob("checkpoint-*")):
         raise TrainError(f"resume=True: no checkpoint of an interrupted run in {partial}")
     partial.mkdir(parents=True, exist_ok=True)
-    completed = False
+    completed = diverged = False
     try:
-        metrics = _train(model, tokenizer, datasets, collator, cfg, device, partial, labels)
+        metrics = _train(
+            model, tokenizer, datasets, collator, cfg, device, partial, labels, precision
+        )
+        metrics["precision"] = {"setting": cfg.precision, "used": precision, "why": why}
         metrics["trainable_params"] = trainable
         metrics["quantized_base_layers"] = quantized  # adapted layers (PaCA or LoRA) over one
         state = paca.get_state(model)  # the calibrated selection's cost
@@ -634,13 +680,23 @@ def run(cfg: TrainConfig) -> dict:
             tmp.write_text("")
         _finish(partial, output)
         completed = True
+    except Diverged:
+        diverged = True  # its checkpoints would only diverge again
+        raise
     finally:
-        if not completed and not any((partial / "checkpoints").glob("checkpoint-*")):
+        checkpoints = any((partial / "checkpoints").glob("checkpoint-*"))
+        if not completed and (diverged or not checkpoints):
             shutil.rmtree(partial, ignore_errors=True)
     return metrics
 
 
-def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, labels) -> dict:
+class Diverged(TrainError):
+    """The loss turned NaN or inf: the run stops at that step and writes nothing."""
+
+
+def _train(
+    model, tokenizer, datasets, collator, cfg, device, workdir: Path, labels, precision: str
+) -> dict:
     import numpy as np
     import transformers
 
@@ -668,6 +724,26 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
                 seconds = time.perf_counter() - self.start[0]
                 steps = state.global_step - self.start[1]
                 logs["examples_per_s"] = round(steps * cfg.batch_size * cfg.grad_accum / seconds, 1)
+
+    class _StopIfDiverged(transformers.TrainerCallback):
+        """Stops at the first step after which a trained tensor is NaN or inf (a NaN or inf loss
+        makes its gradients, and so the update, non-finite), checked on the trained tensors
+        every step: the Trainer's logged losses would hide it (``logging_nan_inf_filter``)."""
+
+        def __init__(self):
+            self.params = [p for p in model.parameters() if p.requires_grad]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            finite = [p.detach().isfinite().all() for p in self.params]
+            if finite and not torch.stack(finite).all():
+                fix = f"lower the lr (was {cfg.learning_rate:g})"
+                if precision == "bf16":
+                    fix = f"try precision=fp32, or {fix}"
+                raise Diverged(
+                    f"training diverged at step {state.global_step}: the loss became NaN or "
+                    f"inf and the trained weights are no longer finite; {fix}. Nothing was "
+                    "written"
+                )
 
     class _LastStepLogged(transformers.TrainerCallback):
         """Logs the loss at the last step too (with ``logging_first_step``, the first), so
@@ -700,7 +776,7 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
         eval_strategy="no",
         report_to=[],
         seed=cfg.seed,
-        bf16=cfg.bf16,
+        bf16=precision == "bf16",  # autocast; the frozen weights are bf16 already
         use_cpu=device.type == "cpu",
         dataloader_num_workers=0,
         remove_unused_columns=False,
@@ -727,6 +803,7 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
     # ahead of the progress bar's callback, so the loss line it prints carries the throughput
     trainer.callback_handler.callbacks.insert(0, _Throughput())
     trainer.add_callback(_LastStepLogged())
+    trainer.add_callback(_StopIfDiverged())
     if cfg.drop_backward:
         at = 0.1 if cfg.drop_sensitivity else None
         trainer.add_callback(DropBackwardCallback(sensitivity_at=at))
@@ -749,7 +826,8 @@ def _train(model, tokenizer, datasets, collator, cfg, device, workdir: Path, lab
             if labels:
                 result[split]["accuracy"] = m[f"{split}_accuracy"]
             elif cfg.task == "chat" and BUILTIN_DATA.get(cfg.data, (None, True))[1]:
-                score, answers = exact_match(model, tokenizer, dataset.items)
+                with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+                    score, answers = exact_match(model, tokenizer, dataset.items)
                 result[split]["exact_match"] = score
                 generations[when] = answers
             else:
