@@ -53,7 +53,13 @@ def _bench_parser(sub) -> None:
     for name in ("hidden", "layers", "vocab", "seq", "batch", "r", "rounds", "warmup", "seed"):
         p.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
     p.add_argument("--alpha", type=float, default=defaults.alpha)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=defaults.dtype)
+    p.add_argument(
+        "--dtype",
+        choices=[*bench.DTYPES, *bench.DTYPES.values()],
+        default=defaults.dtype,
+        help="bf16: frozen weights in bf16, trained tensors and optimizer state in fp32, bf16 "
+        "autocast (as paca train --precision bf16)",
+    )
     p.add_argument("--device", default=defaults.device)
     p.add_argument(
         "--methods",

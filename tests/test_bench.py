@@ -196,3 +196,27 @@ def test_overhead_preset_runs_tiny_layers_at_depth(tmp_path):
     report = bench.run(cfg, progress=False)["methods"]
     assert report["frozen"]["x_frozen"] == 1.0 and report["paca"]["step_ms"] > 0
     assert report["paca"]["extra_ops"] > 0  # the gather, grad_delta GEMM, write, optimizer
+
+
+def test_bf16_bench_trains_each_method_with_fp32_trained_tensors(monkeypatch, tmp_path):
+    methods = ["frozen", "paca", "lora", "full"]
+    cfg = bench.BenchConfig.quick(dtype="bf16", methods=methods, output=str(tmp_path / "bf16"))
+    assert cfg.dtype == "bfloat16"
+    trained = {}
+    prepare = bench.prepare
+
+    def spy(method, base, cfg, device, copy_model=True):
+        model, optimizer = prepare(method, base, cfg, device, copy_model)
+        trained[method] = {p.dtype for p in model.parameters() if p.requires_grad}
+        return model, optimizer
+
+    monkeypatch.setattr(bench, "prepare", spy)
+    rows = bench.run(cfg, progress=False)["methods"]
+    assert list(rows) == methods and all(row["step_ms"] > 0 for row in rows.values())
+    assert trained == {"frozen": set(), "paca": {torch.float32}, "lora": {torch.float32},
+                       "full": {torch.float32}}  # fmt: skip
+    # bf16 activations and columns for backward: fewer bytes (not half: RMSNorm and the loss
+    # compute in fp32 and save some of that)
+    fp32_cfg = bench.BenchConfig.quick(methods=["paca"], output=str(tmp_path / "fp32"))
+    fp32 = bench.run(fp32_cfg, progress=False)["methods"]["paca"]
+    assert rows["paca"]["saved_bytes"] < 0.8 * fp32["saved_bytes"]

@@ -56,6 +56,10 @@ def test_other_packages_are_quiet_unless_asked(monkeypatch, capsys, how):
         monkeypatch.setenv(cli.VERBOSE_ENV, "1")
     # as in a terminal: no handler on the root logger (pytest's own capture set aside)
     monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    import transformers.utils.logging  # noqa: F401  (sets up transformers' own handler)
+
+    # transformers writes through its own handler; one made now writes to this test's stderr
+    monkeypatch.setattr(logging.getLogger("transformers"), "handlers", [logging.StreamHandler()])
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")  # what a user's -W default would show
         filters = list(warnings.filters)

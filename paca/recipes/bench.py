@@ -50,6 +50,7 @@ METHODS = (
 # this machine (an A/A comparison), measured in the same rounds as everything else
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 OPTIMIZERS = ("single", "foreach", "fused")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # short name -> torch's name
 # named workloads: shapes of a real model built from a config (random weights)
 PRESETS = {
     # SmolLM2-135M's layers (hidden 576, MLP 1536, 30 layers, 9 heads) with a smaller vocabulary
@@ -78,7 +79,10 @@ class BenchConfig:
         batch (int): sequences per step.
         r (int): PaCA and LoRA rank.
         alpha (float): PaCA and LoRA alpha.
-        dtype (str): ``float32`` or ``bfloat16`` weights.
+        dtype (str): ``float32`` (``fp32``) or ``bfloat16`` (``bf16``): as ``paca train
+            --precision``, bf16 means frozen weights in bf16 with every trained tensor and the
+            optimizer state in fp32, under bf16 autocast (full fine-tuning: fp32 weights under
+            bf16 autocast).
         device (str): ``cpu``, ``cuda``, ``hpu`` or ``auto``.
         methods (list[str]): a subset of ``METHODS``; ``dora`` is skipped if peft lacks it;
             ``frozen-aa`` (a second frozen copy) shows the noise of the ratios.
@@ -137,8 +141,9 @@ class BenchConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise PacaError(f"unknown bench methods {unknown}; choose from {list(METHODS)}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise PacaError(f"dtype={self.dtype!r}: use float32 or bfloat16")
+        self.dtype = DTYPES.get(self.dtype, self.dtype)
+        if self.dtype not in DTYPES.values():
+            raise PacaError(f"dtype={self.dtype!r}: use fp32 (float32) or bf16 (bfloat16)")
         if self.optim not in OPTIMIZERS:
             raise PacaError(f"optim={self.optim!r}: choose one of {list(OPTIMIZERS)}")
         if not 0.0 <= self.drop_rate < 1.0:
@@ -233,7 +238,7 @@ def prepare(method: str, base: nn.Module, cfg: BenchConfig, device: torch.device
         )
         model = get_peft_model(model, lora)
     elif method == "full":
-        model.requires_grad_(True)
+        model.float().requires_grad_(True)  # fp32 master weights; bf16 compute under autocast
     if method.endswith("-dropbp"):
         paca.drop_backward(model, rate=cfg.drop_rate, seed=cfg.seed)
     model.to(device).train()
@@ -259,11 +264,18 @@ def make_inputs(base: nn.Module, cfg: BenchConfig, device: torch.device):
     return embeds.to(device), ids.to(device)
 
 
+def _autocast(embeds: torch.Tensor):
+    """bf16 autocast for a bf16 benchmark (what the Trainer's ``bf16=True`` does)."""
+    bf16 = embeds.dtype == torch.bfloat16
+    return torch.autocast(embeds.device.type, torch.bfloat16, enabled=bf16)
+
+
 def train_step(model, optimizer, embeds, labels) -> None:
     # Every method gets a leaf input that requires grad, so all of them run the full
     # input-gradient backward; "frozen" then differs only by having no weight gradient at all.
     x = embeds.detach().requires_grad_(True)
-    loss = model(inputs_embeds=x, labels=labels).loss
+    with _autocast(embeds):
+        loss = model(inputs_embeds=x, labels=labels).loss
     loss.backward()
     if optimizer is not None:
         optimizer.step()
@@ -312,7 +324,7 @@ def saved_bytes(model, optimizer, embeds, labels) -> int:
         return tensor
 
     x = embeds.detach().requires_grad_(True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(embeds):
         loss = model(inputs_embeds=x, labels=labels).loss
     loss.backward()
     if optimizer is not None:
