@@ -75,6 +75,10 @@ class Config(NamedTuple):
     accum: int = 1  # micro-batches per step of 8 examples (gradient accumulation)
     per: str = "step"  # DropBP: one pattern per optimizer step, or per micro-batch
     variant: str | None = None  # a study-only variant of DropBP (VARIANTS)
+    # TrainConfig.precision. Runs made before it existed loaded the checkpoint's dtype, bf16
+    # for this folder (transformers 5's default): their keys have no suffix, and "bf16"
+    # reproduces them; other precisions add "-<precision>" to the key
+    precision: str = "bf16"
 
 
 PACA16 = "PaCA r16 (= LoRA r8 params)"
@@ -116,6 +120,9 @@ CONFIGS = [
             ("norm-preserving", [5e-3, 1e-2]),
         ]
     ),
+    # `paca train`'s default run in fp32 against the bf16 runs above (issue: bf16 by default
+    # where the device computes it natively, if the accuracy holds)
+    Config("PaCA r8, fp32", "paca", 8, 16, "PaCA r8", precision="fp32"),
 ]
 SEEDS = [0, 1, 2]
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -229,7 +236,7 @@ def main() -> None:
     new = 0
 
     def train(method, r, alpha, lr, seed, split, drop=0.0, steps=None, data=None, sens=False,
-              accum=1, per="step", variant=None):  # fmt: skip
+              accum=1, per="step", variant=None, precision="bf16"):  # fmt: skip
         nonlocal new, runs
         steps = steps or args.steps
         key = f"{method}-r{r}-a{alpha}-lr{lr}-s{seed}-steps{steps}-{split}"
@@ -237,6 +244,7 @@ def main() -> None:
         key += (f"-ga{accum}" if accum > 1 else "") + ("-per-micro" if per != "step" else "")
         key += f"-{variant}" if variant else ""
         key += f"-{data}" if data else ""
+        key += f"-{precision}" if precision != "bf16" else ""
         runs = read(cache)  # with what other processes added
         if key in runs:
             return runs[key]
@@ -250,10 +258,12 @@ def main() -> None:
         same_task = re.compile(
             rf"-{split}(-drop[0-9.]+)?(-sensitivity)?(-ga[0-9]+)?(-per-micro)?"
             + rf"(-(?:{'|'.join(VARIANTS)}))?"
-            + (f"-{data}$" if data else "$")
+            + (f"-{data}" if data else "")
+            + r"(-fp32)?$"
         )
         scoring["eval_before"] = not any(same_task.search(k) for k in runs)
         setting = {"method": method, "r": r, "alpha": alpha, "lr": lr, "seed": seed}
+        setting["precision"] = precision
         setting |= {"drop_backward": drop, "drop_sensitivity": sens, "data": data}
         if accum > 1:  # the same 8 examples per optimizer step, as micro-batches
             setting |= {"batch_size": 8 // accum, "grad_accum": accum}
@@ -314,12 +324,13 @@ def main() -> None:
             else:
                 sweep, best = best_rate(method, r, alpha, rates, drop, sens, steps, *how)
             finals = [
-                train(method, r, alpha, best, s, "test", drop, steps, data, sens, *how)
+                train(method, r, alpha, best, s, "test", drop, steps, data, sens, *how, c.precision)
                 for s in SEEDS
             ]
             row = {"name": name, "lr": best, "drop_backward": drop, "steps": steps or args.steps}
             row |= {"drop_sensitivity": sens, "micro_batches": c.accum, "drop_per": c.per}
             row["drop_variant"] = c.variant
+            row["precision"] = c.precision
             row["data"] = data or "docstring (exact match)"
             row["sweep_validation_exact_match"] = {str(k): v for k, v in sweep.items()}
             losses = [m["after"]["test"]["loss"] for m in finals]

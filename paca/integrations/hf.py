@@ -150,21 +150,31 @@ class AdapterCheckpoints:
         previous checkpoints are rotated out only once the new one is in place."""
         run_dir = self._get_output_dir(trial=trial)
         staging = os.path.join(run_dir, STAGING)
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
+        # Under several processes every one of them takes part (the Trainer gathers state and
+        # each writes its own RNG state), but only the main one makes, moves and removes the
+        # folders, between barriers; the folder must be shared (one machine, or a shared
+        # file system across machines).
+        main = self.is_world_process_zero()
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+        self.accelerator.wait_for_everyone()
         self._get_output_dir = lambda trial=None: staging  # what the Trainer writes into
         try:
             super()._save_checkpoint(model, trial)
         finally:
             del self._get_output_dir  # the class's method again
+        self.accelerator.wait_for_everyone()
         name = f"{trainer_utils.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        # replaces checkpoint-N if the same step is saved again (a resumed run)
-        move_into_place(os.path.join(staging, name), os.path.join(run_dir, name))
-        shutil.rmtree(staging, ignore_errors=True)
         best = self.state.best_model_checkpoint
         if best and os.path.dirname(best) == staging:
             self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
-        self._rotate_into(run_dir)
+        if main:
+            # replaces checkpoint-N if the same step is saved again (a resumed run)
+            move_into_place(os.path.join(staging, name), os.path.join(run_dir, name))
+            shutil.rmtree(staging, ignore_errors=True)
+            self._rotate_into(run_dir)
+        self.accelerator.wait_for_everyone()
 
     def _rotate_into(self, run_dir: str) -> None:
         if not self.args.should_save:

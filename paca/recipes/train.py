@@ -220,9 +220,7 @@ class TrainConfig:
         if self.drop_per not in paca.dropbp.PER:
             raise TrainError(f"drop_per={self.drop_per!r}: use 'step' or 'micro-batch'")
         if self.precision not in PRECISIONS:
-            raise TrainError(
-                f"precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}"
-            )
+            raise TrainError(f"precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.bf16:
             if self.precision == "fp32":
                 raise TrainError("bf16=True contradicts precision='fp32'; drop one of them")
@@ -428,25 +426,63 @@ def chat_data(rows, tokenizer, cfg):
     return out
 
 
+def _my_batches(n: int, batch_size: int, procs: Processes | None) -> list[range]:
+    """The batches of a held-out split this process evaluates: the one-process batches, dealt
+    round-robin, so every example is computed in the same batch whatever the process count
+    (the numbers equal one process's; the time is 1/N)."""
+    batches = [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    rank, world = (procs.rank, procs.world) if procs is not None else (0, 1)
+    return batches[rank::world]
+
+
 @torch.no_grad()
-def exact_match(model, tokenizer, examples: list[dict], batch_size: int = 25, new_tokens=8):
+def held_out_loss(
+    model, dataset, collator, procs: Processes | None = None, classify=False, batch_size=64
+) -> tuple[float, float | None]:
+    """The held-out loss as the Trainer's ``evaluate`` defines it (each batch's mean loss,
+    weighted by its examples), and for a classifier the accuracy; split over the processes."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros(3, dtype=torch.float64)  # sum of batch losses x examples, examples, hits
+    try:
+        for batch in _my_batches(len(dataset), batch_size, procs):
+            inputs = {k: v.to(device) for k, v in collator([dataset[i] for i in batch]).items()}
+            out = model(**inputs)
+            total[0] += out.loss.double().item() * len(batch)
+            total[1] += len(batch)
+            if classify:
+                total[2] += (out.logits.argmax(-1) == inputs["labels"]).sum().item()
+    finally:
+        model.train(was_training)
+    if procs is not None:
+        total = procs.sum(total)
+    examples = max(total[1].item(), 1)
+    return total[0].item() / examples, (total[2].item() / examples if classify else None)
+
+
+@torch.no_grad()
+def exact_match(
+    model, tokenizer, examples: list[dict], batch_size: int = 25, new_tokens=8, procs=None
+):
     """Greedy answers to the examples' prompts (left-padded batches) and the share that equal
-    the reference answer exactly (after stripping whitespace)."""
+    the reference answer exactly (after stripping whitespace); split over the processes."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    answers = []
+    mine: list[tuple[int, list[str]]] = []
     try:
-        for start in range(0, len(examples), batch_size):
-            chunk = [e["prompt_ids"] for e in examples[start : start + batch_size]]
+        for batch in _my_batches(len(examples), batch_size, procs):
+            chunk = [examples[i]["prompt_ids"] for i in batch]
             width = max(len(c) for c in chunk)
             ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=device)
             mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk])
-            answers += greedy(model, tokenizer, ids, mask.to(device), new_tokens)
+            mine.append((batch.start, greedy(model, tokenizer, ids, mask.to(device), new_tokens)))
     finally:
         model.train(was_training)
-    answers = [a.strip() for a in answers]
+    gathered = procs.gather(mine) if procs is not None else [mine]
+    answers = [a.strip() for _, part in sorted(p for r in gathered for p in r) for a in part]
     hits = sum(a == e["answer"] for a, e in zip(answers, examples, strict=True))
     return hits / max(len(examples), 1), answers
 
@@ -547,9 +583,55 @@ def _write_json(path: Path, data: dict) -> None:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def say(message: str) -> None:
-    """A line of the run's own (model choice, precision, batch) on stdout."""
-    print(f"paca train: {message}", flush=True)
+class Processes:
+    """This run's place among the processes a launcher started (``torchrun``,
+    ``accelerate launch``, several machines: ``RANK``/``WORLD_SIZE`` in the environment); one
+    process without one. The main process alone writes files and prints; the others wait at
+    ``barrier``."""
+
+    def __init__(self, device: torch.device):
+        self.state = None
+        self.rank, self.world = 0, 1
+        self.device = device
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            # the process group the Trainer then uses (gloo on CPUs, nccl on GPUs), and this
+            # process's device (cuda:LOCAL_RANK); on a CPU accelerate starts no group unless
+            # told it is one
+            self.state = PartialState(cpu=device.type == "cpu")
+            self.rank, self.world = self.state.process_index, self.state.num_processes
+            self.device = self.state.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over the processes (a CPU tensor in, a CPU tensor out)."""
+        if self.state is None:
+            return values
+        device = self.state.device  # nccl reduces on the GPU
+        summed = values.to(device)
+        torch.distributed.all_reduce(summed)
+        return summed.cpu()
+
+    def say(self, message: str) -> None:
+        """A line of the run's own (precision, batch) on stdout, from the main process."""
+        if self.main:
+            print(f"paca train: {message}", flush=True)
+
+    def gather(self, items: list) -> list[list]:
+        """Every process's ``items``, by rank."""
+        if self.state is None:
+            return [items]
+        out: list = [None] * self.world
+        torch.distributed.all_gather_object(out, items)
+        return out
 
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
@@ -575,7 +657,8 @@ def run(cfg: TrainConfig) -> dict:
     output = Path(cfg.output)
     if output.exists():
         raise TrainError(f"output={output} exists; choose another folder or remove it")
-    device = backends.resolve_device(cfg.device)
+    procs = Processes(backends.resolve_device(cfg.device))
+    device = procs.device
     if cfg.model and not Path(cfg.model).exists() and cfg.model.count("/") != 1:
         raise TrainError(f"model={cfg.model}: no such folder")
     if cfg.data is None and cfg.task == "causal-lm":
@@ -597,7 +680,12 @@ def run(cfg: TrainConfig) -> dict:
         _require_fields(split_items, fields, str(data_path))
     transformers.set_seed(cfg.seed)
     precision, why = resolve_precision(cfg.precision, device)
-    say(f"precision {precision} ({why})")
+    procs.say(f"precision {precision} ({why})")
+    per_step = cfg.batch_size * cfg.grad_accum * procs.world
+    procs.say(
+        f"{per_step} examples per optimizer step: batch_size {cfg.batch_size} per process x "
+        f"{procs.world} process{'es' if procs.world > 1 else ''} x grad_accum {cfg.grad_accum}"
+    )
     # frozen weights in the compute dtype; what trains stays fp32 (_trained_in_fp32)
     dtype = torch.bfloat16 if precision == "bf16" and cfg.method != "full" else torch.float32
     extra = dtype_argument(dtype)  # also the unquantized rest of a quantized model
@@ -649,43 +737,54 @@ def run(cfg: TrainConfig) -> dict:
     partial = _partial_dir(output)
     if cfg.resume and (partial / COMPLETE).is_file():
         # killed while the finished run was being moved into place
-        _finish(partial, output)
+        procs.barrier()  # every process has seen the mark before the main one moves it
+        if procs.main:
+            _finish(partial, output)
+        procs.barrier()
         return json.loads((output / "metrics.json").read_text())
-    if partial.exists() and not cfg.resume:
-        shutil.rmtree(partial)
     if cfg.resume and not any((partial / "checkpoints").glob("checkpoint-*")):
         raise TrainError(f"resume=True: no checkpoint of an interrupted run in {partial}")
-    partial.mkdir(parents=True, exist_ok=True)
+    if procs.main:
+        if partial.exists() and not cfg.resume:
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+    procs.barrier()
     completed = diverged = False
     try:
         metrics = _train(
-            model, tokenizer, datasets, collator, cfg, device, partial, labels, precision
+            model, tokenizer, datasets, collator, cfg, device, partial, labels, precision, procs
         )
         metrics["precision"] = {"setting": cfg.precision, "used": precision, "why": why}
         metrics["trainable_params"] = trainable
         metrics["quantized_base_layers"] = quantized  # adapted layers (PaCA or LoRA) over one
         state = paca.get_state(model)  # the calibrated selection's cost
         metrics["calibration"] = state.calibration if state is not None else None
-        if (partial / "adapter").exists():  # a final save that a kill interrupted
-            shutil.rmtree(partial / "adapter")
-        _save(model, cfg, partial / "adapter", tokenizer)
-        _write_json(partial / "metrics.json", metrics)
-        settings = dataclasses.asdict(cfg) | {
-            "model": str(model_path),
-            "data": str(data_path),
-            "lr": cfg.learning_rate,
-        }
-        _write_json(partial / "train_config.json", settings)
-        with atomic_file(partial / COMPLETE) as tmp:
-            tmp.write_text("")
-        _finish(partial, output)
+        metrics["processes"] = procs.world
+        # every process has trained and evaluated: only then does the main one write (a
+        # process that died earlier leaves no output that looks complete)
+        procs.barrier()
+        if procs.main:
+            if (partial / "adapter").exists():  # a final save that a kill interrupted
+                shutil.rmtree(partial / "adapter")
+            _save(model, cfg, partial / "adapter", tokenizer)
+            _write_json(partial / "metrics.json", metrics)
+            settings = dataclasses.asdict(cfg) | {
+                "model": str(model_path),
+                "data": str(data_path),
+                "lr": cfg.learning_rate,
+            }
+            _write_json(partial / "train_config.json", settings)
+            with atomic_file(partial / COMPLETE) as tmp:
+                tmp.write_text("")
+            _finish(partial, output)
+        procs.barrier()
         completed = True
     except Diverged:
         diverged = True  # its checkpoints would only diverge again
         raise
     finally:
         checkpoints = any((partial / "checkpoints").glob("checkpoint-*"))
-        if not completed and (diverged or not checkpoints):
+        if procs.main and not completed and (diverged or not checkpoints):
             shutil.rmtree(partial, ignore_errors=True)
     return metrics
 
@@ -695,23 +794,23 @@ class Diverged(TrainError):
 
 
 def _train(
-    model, tokenizer, datasets, collator, cfg, device, workdir: Path, labels, precision: str
+    model,
+    tokenizer,
+    datasets,
+    collator,
+    cfg,
+    device,
+    workdir: Path,
+    labels,
+    precision: str,
+    procs: Processes,
 ) -> dict:
-    import numpy as np
     import transformers
 
     # here, not at the top: transformers' Trainer imports peft (and with it bitsandbytes), so
     # `paca --help` and the other commands stay fast and quiet
     from paca.integrations.hf import DropBackwardCallback, quantized_training
     from paca.integrations.hf import Trainer as AdapterTrainer
-
-    def accuracy(prediction):
-        logits = (
-            prediction.predictions[0]
-            if isinstance(prediction.predictions, tuple)
-            else prediction.predictions
-        )
-        return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
 
     class _Throughput(transformers.TrainerCallback):
         """Adds examples per second since training started to each loss line."""
@@ -723,7 +822,8 @@ def _train(
             if logs is not None and "loss" in logs:
                 seconds = time.perf_counter() - self.start[0]
                 steps = state.global_step - self.start[1]
-                logs["examples_per_s"] = round(steps * cfg.batch_size * cfg.grad_accum / seconds, 1)
+                per_step = cfg.batch_size * cfg.grad_accum * procs.world
+                logs["examples_per_s"] = round(steps * per_step / seconds, 1)
 
     class _StopIfDiverged(transformers.TrainerCallback):
         """Stops at the first step after which a trained tensor is NaN or inf (a NaN or inf loss
@@ -754,9 +854,8 @@ def _train(
                 control.should_log = True
 
     steps = cfg.max_steps
-    total = steps or math.ceil(
-        cfg.epochs * math.ceil(len(datasets["train"]) / (cfg.batch_size * cfg.grad_accum))
-    )
+    per_step = cfg.batch_size * cfg.grad_accum * procs.world
+    total = steps or math.ceil(cfg.epochs * math.ceil(len(datasets["train"]) / per_step))
     args = transformers.TrainingArguments(
         output_dir=str(workdir / "checkpoints"),
         max_steps=steps if steps > 0 else -1,
@@ -798,7 +897,6 @@ def _train(
             args=args,
             train_dataset=datasets["train"],
             data_collator=collator,
-            compute_metrics=accuracy if labels else None,
         )
     # ahead of the progress bar's callback, so the loss line it prints carries the throughput
     trainer.callback_handler.callbacks.insert(0, _Throughput())
@@ -821,17 +919,17 @@ def _train(
     def scores(when: str) -> dict:
         result = {}
         for split, dataset in evaluate.items():
-            m = trainer.evaluate(dataset, metric_key_prefix=split)
-            result[split] = {"loss": m[f"{split}_loss"]}
-            if labels:
-                result[split]["accuracy"] = m[f"{split}_accuracy"]
-            elif cfg.task == "chat" and BUILTIN_DATA.get(cfg.data, (None, True))[1]:
-                with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
-                    score, answers = exact_match(model, tokenizer, dataset.items)
-                result[split]["exact_match"] = score
-                generations[when] = answers
-            else:
-                result[split]["perplexity"] = math.exp(min(m[f"{split}_loss"], 50))
+            with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+                loss, accuracy = held_out_loss(model, dataset, collator, procs, bool(labels))
+                result[split] = {"loss": loss}
+                if labels:
+                    result[split]["accuracy"] = accuracy
+                elif cfg.task == "chat" and BUILTIN_DATA.get(cfg.data, (None, True))[1]:
+                    score, answers = exact_match(model, tokenizer, dataset.items, procs=procs)
+                    result[split]["exact_match"] = score
+                    generations[when] = answers
+                else:
+                    result[split]["perplexity"] = math.exp(min(loss, 50))
         return result
 
     before = scores("before") if cfg.eval_before else {}
