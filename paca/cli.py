@@ -266,6 +266,17 @@ def _train_parser(sub) -> None:
     p.add_argument("--bf16", action="store_true", help="the same as --precision bf16")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the model over the launcher's processes with FSDP2 (PaCA additive mode)",
+    )
+    p.add_argument(
+        "--deepspeed",
+        default=None,
+        metavar="CONFIG",
+        help="train with DeepSpeed (ZeRO-2/3) from this config (examples/deepspeed/zero2.json)",
+    )
+    p.add_argument(
         "--drop-backward",
         type=float,
         default=0.0,

@@ -126,3 +126,17 @@ def test_one_failing_process_leaves_no_output(tmp_path, tiny_llama_folder):
                             text=True, timeout=300)  # fmt: skip
     assert result.returncode != 0 and "Signal 9 (SIGKILL)" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", [["--fsdp"], ["--deepspeed", "examples/deepspeed/zero2.json"]])
+def test_sharding_on_cpu_processes_is_refused_not_silently_ddp(tmp_path, tiny_llama_folder,
+                                                               capsys, flag):  # fmt: skip
+    """accelerate runs FSDP and DeepSpeed only on accelerators; on CPUs the Trainer would fall
+    back to DDP without a word (seen: --fsdp under torchrun trained as DDP)."""
+    flag = [flag[0], str(Path(__file__).parents[1] / flag[1])] if len(flag) > 1 else flag
+    argv = [*_argv(tmp_path, tiny_llama_folder, 4), "--output", str(tmp_path / "out")]
+    assert main([*argv, *flag, "--device", "cpu"]) == 2
+    assert "needs GPUs or Gaudi HPUs: accelerate runs neither FSDP nor DeepSpeed on CPU" in (
+        capsys.readouterr().err
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl"]

@@ -110,6 +110,13 @@ class TrainConfig:
             fine-tuning keeps fp32 weights under bf16 autocast. A run whose loss turns NaN or
             inf stops at that step, saying so, and writes nothing.
         bf16 (bool): the same as ``precision="bf16"`` (kept for scripts that set it).
+        fsdp (bool): shard the model over the processes with FSDP2 (``fully_shard`` of each
+            decoder layer through the Trainer): for models larger than one device. PaCA then
+            runs in additive mode (the sharded base layers run untouched). Needs a launcher
+            (``torchrun``) with several processes.
+        deepspeed (str | None): a DeepSpeed config file (ZeRO-2 or ZeRO-3, ``"auto"`` fields
+            filled from these settings; ``examples/deepspeed/``): the Trainer runs DeepSpeed,
+            PaCA in additive mode. Needs ``pip install "paca[deepspeed]"`` and a launcher.
         gradient_checkpointing (bool): recompute activations in backward.
         seed (int): seed of the model head, column selection and data order.
         device (str): ``auto``, ``cpu``, ``cuda`` or ``hpu``.
@@ -154,6 +161,8 @@ class TrainConfig:
     seq_len: int | None = None
     precision: str = "auto"
     bf16: bool = False
+    fsdp: bool = False
+    deepspeed: str | None = None
     gradient_checkpointing: bool = False
     seed: int = 0
     device: str = "auto"
@@ -225,6 +234,15 @@ class TrainConfig:
             if self.precision == "fp32":
                 raise TrainError("bf16=True contradicts precision='fp32'; drop one of them")
             self.precision = "bf16"
+        if self.fsdp and self.deepspeed:
+            raise TrainError("fsdp=True and deepspeed= both shard the model; choose one")
+        if (self.fsdp or self.deepspeed) and self.method in ("head",):
+            raise TrainError("method='head' trains a head only; it needs no sharding")
+        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
+            raise TrainError(
+                f"deepspeed={self.deepspeed}: no such file; pass a DeepSpeed config "
+                "(examples/deepspeed/zero2.json or zero3.json)"
+            )
         if self.lr is not None and not self.lr > 0:
             raise TrainError(f"lr={self.lr} must be > 0")
 
@@ -527,6 +545,8 @@ def apply_method(model, cfg: TrainConfig, device, calibration=None):
             alpha=cfg.alpha,
             seed=cfg.seed,
             device=str(device),
+            # a sharded weight has no local columns to write: add beside the base layer
+            mode="additive" if cfg.fsdp or cfg.deepspeed else "auto",
             selection=cfg.selection,
             calibration=calibration if get_strategy(cfg.selection).calibrated else None,
         )
@@ -657,7 +677,17 @@ def run(cfg: TrainConfig) -> dict:
     output = Path(cfg.output)
     if output.exists():
         raise TrainError(f"output={output} exists; choose another folder or remove it")
-    procs = Processes(backends.resolve_device(cfg.device))
+    device = backends.resolve_device(cfg.device)
+    if (cfg.fsdp or cfg.deepspeed) and device.type == "cpu":
+        # accelerate (1.16, state.py) enables FSDP only for several accelerators and never
+        # DeepSpeed once its state is a CPU one; without cpu=True it counts one process on a
+        # machine without an accelerator. The Trainer would then silently run plain DDP.
+        flag = "fsdp=True" if cfg.fsdp else f"deepspeed={cfg.deepspeed}"
+        raise TrainError(
+            f"{flag} needs GPUs or Gaudi HPUs: accelerate runs neither FSDP nor DeepSpeed on "
+            "CPU processes; on CPUs drop it (torchrun alone trains with DDP)"
+        )
+    procs = Processes(device)
     device = procs.device
     if cfg.model and not Path(cfg.model).exists() and cfg.model.count("/") != 1:
         raise TrainError(f"model={cfg.model}: no such folder")
@@ -856,7 +886,19 @@ def _train(
     steps = cfg.max_steps
     per_step = cfg.batch_size * cfg.grad_accum * procs.world
     total = steps or math.ceil(cfg.epochs * math.ceil(len(datasets["train"]) / per_step))
+    sharding: dict = {}
+    if (
+        cfg.fsdp
+    ):  # FSDP2 over each decoder layer (transformers 5 reads "version", 4.x "fsdp_version")
+        layers = list(getattr(model, "_no_split_modules", None) or [])
+        sharding["fsdp"] = "full_shard auto_wrap"
+        sharding["fsdp_config"] = {"version": 2, "fsdp_version": 2}
+        if layers:
+            sharding["fsdp_config"]["transformer_layer_cls_to_wrap"] = layers
+    if cfg.deepspeed:
+        sharding["deepspeed"] = cfg.deepspeed
     args = transformers.TrainingArguments(
+        **sharding,
         output_dir=str(workdir / "checkpoints"),
         max_steps=steps if steps > 0 else -1,
         num_train_epochs=cfg.epochs,
@@ -898,6 +940,13 @@ def _train(
             train_dataset=datasets["train"],
             data_collator=collator,
         )
+    for wanted, enabled in ((cfg.fsdp, "is_fsdp_enabled"), (cfg.deepspeed, "is_deepspeed_enabled")):
+        if wanted and not getattr(trainer, enabled, False):
+            raise TrainError(
+                f"the Trainer did not enable {enabled[3:-8]} here (accelerate decides from the "
+                "launcher and the device); start the run with torchrun or accelerate launch on "
+                "GPUs or HPUs"
+            )
     # ahead of the progress bar's callback, so the loss line it prints carries the throughput
     trainer.callback_handler.callbacks.insert(0, _Throughput())
     trainer.add_callback(_LastStepLogged())
@@ -947,6 +996,12 @@ def _train(
     else:
         train_metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
     seconds = time.perf_counter() - started
+    # what the Trainer made of the model: DDP, FSDP2 (DTensor parameters), DeepSpeed
+    sharded = sorted({type(p).__name__ for p in model.parameters()} - {"Parameter", "Tensor"})
+    engine = {
+        "wrapper": type(trainer.model_wrapped).__name__,
+        "distributed_parameters": sharded,
+    }
     after = scores("after")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     controller = paca.dropbp.get(model)
@@ -956,6 +1011,7 @@ def _train(
         drop["rates"] = {b.name: b.rate for b in controller.branches}
     return {
         "method": cfg.method,
+        "engine": engine,
         "drop_backward": drop,
         "before": before,
         "after": after,
