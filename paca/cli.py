@@ -311,7 +311,7 @@ def _run_train(args) -> int:
     fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
     cfg = train.TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     metrics = train.run(cfg)
-    if int(os.environ.get("RANK", "0")) != 0:  # under a launcher the main process reports
+    if not train.is_main_process():  # under a launcher the main process reports
         return 0
     print(f"wrote {cfg.output}: adapter/, metrics.json, train_config.json")
     for when in ("before", "after"):

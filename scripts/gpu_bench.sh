@@ -9,7 +9,13 @@
 # 2. paca bench, bf16, AdamW fused: the default shape, the SmolLM2 shape and the overhead preset
 #    (SmolLM2's depth at tiny width: per-layer launch and Python costs alone), for frozen, PaCA,
 #    LoRA, PaCA + DropBP 0.5 and LoRA + DropBP 0.5, peak device memory per method;
-# 3. table.md: both tables under the machine's name (GPU, driver, torch).
+# 3. table.md: both tables under the machine's name (GPU, driver, torch);
+# 4. with 2+ GPUs (NGPU, default: all; skipped with one): `paca train` on SmolLM2 for 20 steps
+#    as DDP, FSDP2 (--fsdp) and DeepSpeed ZeRO-2/3 (--deepspeed), each against one process with
+#    the same global batch: the adapters (largest difference) and the evaluation, in
+#    train-compare.txt. CPUs cannot run FSDP or DeepSpeed through the Trainer (accelerate
+#    enables neither on CPU processes), so these are the commands docs/distributed.md lists
+#    as not run here.
 set -euo pipefail
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-gpu-results}
@@ -52,3 +58,35 @@ for preset in ("default", "smollm2", "overhead"):
 (out / "table.md").write_text("\n".join(lines))
 print(f"wrote {out / 'table.md'}")
 PY
+
+NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+if [ "$NGPU" -ge 2 ] && [ "${QUICK:-0}" != 1 ]; then
+  common=(train --max-steps 20 --eval-examples 64 --precision bf16)
+  python -m paca.cli "${common[@]}" --batch-size $((8 * NGPU)) --output "$OUT/train-1"
+  torchrun --standalone --nproc-per-node "$NGPU" -m paca.cli "${common[@]}" --batch-size 8 \
+    --output "$OUT/train-ddp"
+  torchrun --standalone --nproc-per-node "$NGPU" -m paca.cli "${common[@]}" --batch-size 8 \
+    --fsdp --output "$OUT/train-fsdp"
+  for stage in 2 3; do
+    torchrun --standalone --nproc-per-node "$NGPU" -m paca.cli "${common[@]}" --batch-size 8 \
+      --deepspeed "examples/deepspeed/zero$stage.json" --output "$OUT/train-zero$stage"
+  done
+  python - "$OUT" <<'PY' | tee "$OUT/train-compare.txt"
+import json
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+out = Path(sys.argv[1])
+one = load_file(out / "train-1" / "adapter" / "adapter.safetensors")
+for run in ("ddp", "fsdp", "zero2", "zero3"):
+    folder = out / f"train-{run}"
+    got = load_file(folder / "adapter" / "adapter.safetensors")
+    gap = max((got[k].float() - one[k].float()).abs().max().item() for k in one)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    print(run, "largest delta difference", f"{gap:.2e}", "| engine", metrics["engine"],
+          "| after", metrics["after"])
+PY
+fi
+

@@ -34,7 +34,7 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def train(
-    engine, mode, rank=0, world=1, accelerator=None, drop=0.0, per="step"
+    engine, mode, rank=0, world=1, accelerator=None, drop=0.0, per="step", save=None
 ) -> dict[str, torch.Tensor]:
     """The final deltas; ``engine``: None (one process), ddp, fsdp or accelerate; ``drop``: a
     DropBP rate (0: none), its patterns drawn ``per`` step or micro-batch."""
@@ -62,6 +62,8 @@ def train(
             loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    if engine == "fsdp" and save is not None:  # every process takes part in the gather
+        paca.save_adapter(model, f"{save}-rank{rank}")
     return {name: full(layer.delta) for name, layer in paca.paca_layers(model)}
 
 
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--drop-backward", type=float, default=0.0)
     parser.add_argument("--drop-per", default="step")
+    parser.add_argument("--save", default=None, help="fsdp: paca.save_adapter to SAVE-rankN")
     args = parser.parse_args()
     accelerator = None
     if args.engine == "accelerate":
@@ -85,7 +88,14 @@ def main() -> None:
     if world != 2:
         raise SystemExit(f"expected 2 processes, got {world}")
     deltas = train(
-        args.engine, args.mode, rank, world, accelerator, args.drop_backward, args.drop_per
+        args.engine,
+        args.mode,
+        rank,
+        world,
+        accelerator,
+        args.drop_backward,
+        args.drop_per,
+        args.save,
     )
     if rank == 0:
         torch.save(deltas, args.out)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from distributed_worker import train
+from safetensors.torch import load_file
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 
@@ -40,8 +41,17 @@ def test_ddp_two_processes_match_one(tmp_path, mode):
     _assert_same(_torchrun("ddp", mode, tmp_path / "d.pt"), train(None, mode))
 
 
-def test_fsdp2_additive_two_processes_match_one(tmp_path):
-    _assert_same(_torchrun("fsdp", "additive", tmp_path / "d.pt"), train(None, "additive"))
+def test_fsdp2_additive_two_processes_match_one_and_save_the_whole_adapter(tmp_path):
+    want = train(None, "additive")
+    out = tmp_path / "d.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--standalone", str(WORKER), "--engine", "fsdp", "--mode", "additive"]
+    _assert_same(_launch([*command, "--save", str(tmp_path / "a"), "--out", str(out)], out), want)
+    # save_adapter on the sharded model gathers each delta whole, on every process
+    for rank in (0, 1):
+        saved = load_file(tmp_path / f"a-rank{rank}" / "adapter.safetensors")
+        deltas = {k.removesuffix(".delta"): v for k, v in saved.items() if k.endswith(".delta")}
+        _assert_same(deltas, want)
 
 
 def test_accelerate_launch_two_processes_match_one(tmp_path):

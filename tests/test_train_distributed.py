@@ -140,3 +140,37 @@ def test_sharding_on_cpu_processes_is_refused_not_silently_ddp(tmp_path, tiny_ll
         capsys.readouterr().err
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "env, rank, world",
+    [
+        ({}, 0, 1),
+        ({"RANK": "1", "WORLD_SIZE": "2"}, 1, 2),  # torchrun, accelerate, deepspeed
+        ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "8"}, 3, 8),  # gaudi_spawn --use_mpi
+        ({"PMI_RANK": "0", "PMI_SIZE": "4"}, 0, 4),  # MPICH, Intel MPI
+    ],
+)
+def test_every_launcher_is_read_for_rank_and_world(monkeypatch, env, rank, world):
+    from paca.recipes import train
+
+    for name in (*train.RANK_ENV, *train.WORLD_SIZE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert train.launcher_env(train.RANK_ENV, 0) == rank
+    assert train.launcher_env(train.WORLD_SIZE_ENV, 1) == world
+    assert train.is_main_process() == (rank == 0)
+
+
+def test_a_zero3_config_is_refused_with_the_fix(tmp_path):
+    from paca.errors import PacaError
+    from paca.recipes.train import TrainConfig
+
+    zero3 = Path(__file__).parents[1] / "examples" / "deepspeed" / "zero3.json"
+    with pytest.raises(PacaError, match="is ZeRO-3, which partitions PaCA's deltas.*use ZeRO-2"):
+        TrainConfig(deepspeed=str(zero3))
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(PacaError, match="not a readable JSON config"):
+        TrainConfig(deepspeed=str(tmp_path / "bad.json"))
+    TrainConfig(deepspeed=str(zero3.with_name("zero2.json")))  # accepted

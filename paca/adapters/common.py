@@ -131,11 +131,16 @@ def move_into_place(staged: str | os.PathLike, target: str | os.PathLike) -> Non
 
 def cpu_tensors(tensors: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
     """``{prefix + name: a contiguous CPU copy}``: what safetensors can write (it refuses views
-    and tensors sharing storage, such as tied weights)."""
-    return {
-        f"{prefix}{name}": value.detach().to("cpu").contiguous().clone()
-        for name, value in tensors.items()
-    }
+    and tensors sharing storage, such as tied weights). A tensor sharded by FSDP2 (a DTensor)
+    is gathered whole first: a collective, so every process of the group must call this."""
+    return {f"{prefix}{name}": _whole(value) for name, value in tensors.items()}
+
+
+def _whole(value: torch.Tensor) -> torch.Tensor:
+    value = value.detach()
+    if hasattr(value, "full_tensor"):  # torch.distributed.tensor.DTensor
+        value = value.full_tensor()
+    return value.to("cpu").contiguous().clone()
 
 
 def base_model_name(model) -> str | None:

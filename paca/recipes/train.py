@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,11 +239,8 @@ class TrainConfig:
             raise TrainError("fsdp=True and deepspeed= both shard the model; choose one")
         if (self.fsdp or self.deepspeed) and self.method in ("head",):
             raise TrainError("method='head' trains a head only; it needs no sharding")
-        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
-            raise TrainError(
-                f"deepspeed={self.deepspeed}: no such file; pass a DeepSpeed config "
-                "(examples/deepspeed/zero2.json or zero3.json)"
-            )
+        if self.deepspeed is not None:
+            _check_deepspeed_config(self.deepspeed)
         if self.lr is not None and not self.lr > 0:
             raise TrainError(f"lr={self.lr} must be > 0")
 
@@ -251,6 +249,26 @@ class TrainConfig:
         if self.lr is not None:
             return self.lr
         return (CHAT_LR if self.task == "chat" else DEFAULT_LR)[self.method]
+
+
+def _check_deepspeed_config(path: str) -> None:
+    """A readable DeepSpeed config of ZeRO stage 0-2. Stage 3 partitions the deltas themselves
+    and this recipe's final save does not gather them (the library does: tests/test_deepspeed.py
+    trains ZeRO-3 with ``deepspeed.zero.GatheredParameters``)."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise TrainError(
+            f"deepspeed={path}: not a readable JSON config ({exc}); see "
+            "examples/deepspeed/zero2.json"
+        ) from None
+    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    if stage == 3:
+        raise TrainError(
+            f"deepspeed={path} is ZeRO-3, which partitions PaCA's deltas; paca train saves "
+            "only unpartitioned ones: use ZeRO-2 (examples/deepspeed/zero2.json) or fsdp=True "
+            "to shard the base model"
+        )
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -603,6 +621,26 @@ def _write_json(path: Path, data: dict) -> None:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
+# where launchers put the process count and this process's rank: torchrun, accelerate and
+# DeepSpeed's launcher (WORLD_SIZE, RANK), Open MPI (Optimum-Habana's gaudi_spawn.py --use_mpi),
+# MPICH/Intel MPI and MVAPICH: the names accelerate reads too
+WORLD_SIZE_ENV = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+RANK_ENV = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def launcher_env(names: tuple[str, ...], default: int) -> int:
+    """The first of ``names`` set in the environment, as an int; else ``default``."""
+    for name in names:
+        if os.environ.get(name, "").strip():
+            return int(os.environ[name])
+    return default
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launcher's processes, or no launcher (read from the environment)."""
+    return launcher_env(RANK_ENV, 0) == 0
+
+
 class Processes:
     """This run's place among the processes a launcher started (``torchrun``,
     ``accelerate launch``, several machines: ``RANK``/``WORLD_SIZE`` in the environment); one
@@ -613,7 +651,7 @@ class Processes:
         self.state = None
         self.rank, self.world = 0, 1
         self.device = device
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if launcher_env(WORLD_SIZE_ENV, 1) > 1:
             from accelerate import PartialState
 
             # the process group the Trainer then uses (gloo on CPUs, nccl on GPUs), and this
@@ -793,6 +831,11 @@ def run(cfg: TrainConfig) -> dict:
         # every process has trained and evaluated: only then does the main one write (a
         # process that died earlier leaves no output that looks complete)
         procs.barrier()
+        if cfg.fsdp and not procs.main:
+            # FSDP2 shards the deltas: saving gathers each whole, a collective every process
+            # joins; the others' copies are thrown away
+            with tempfile.TemporaryDirectory() as scratch:
+                _save(model, cfg, Path(scratch) / "adapter", tokenizer)
         if procs.main:
             if (partial / "adapter").exists():  # a final save that a kill interrupted
                 shutil.rmtree(partial / "adapter")
