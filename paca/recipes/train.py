@@ -1008,8 +1008,11 @@ def _train(
             evaluate[held_out] = _Examples(items[: cfg.eval_examples or len(items)])
     generations: dict[str, list[str]] = {}
 
+    evaluation_seconds: dict[str, float] = {}
+
     def scores(when: str) -> dict:
         result = {}
+        started = time.perf_counter()
         for split, dataset in evaluate.items():
             with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
                 loss, accuracy = held_out_loss(model, dataset, collator, procs, bool(labels))
@@ -1022,6 +1025,7 @@ def _train(
                     generations[when] = answers
                 else:
                     result[split]["perplexity"] = math.exp(min(loss, 50))
+        evaluation_seconds[when] = round(time.perf_counter() - started, 2)
         return result
 
     before = scores("before") if cfg.eval_before else {}
@@ -1058,6 +1062,7 @@ def _train(
         "drop_backward": drop,
         "before": before,
         "after": after,
+        "evaluation_seconds": evaluation_seconds,  # loss and generation, per pass
         "train": {
             "steps": trainer.state.global_step,
             "seconds": seconds,
