@@ -85,6 +85,25 @@ def test_two_processes_of_4_train_and_score_as_one_of_8(tmp_path, tiny_llama_fol
     )
 
 
+def test_accelerate_launch_trains_as_torchrun(tmp_path, tiny_llama_folder, one_process):
+    # accelerate's CPU launcher needs mpirun; its multi-GPU one is torchrun underneath, and
+    # paca train makes the processes CPU ones (tests/test_distributed.py does the same)
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
+        "num_processes: 2\nmachine_rank: 0\nmixed_precision: 'no'\nuse_cpu: false\n"
+    )
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    command += ["--main_process_port", "29541", "-m", "paca.cli"]
+    command += [*_argv(tmp_path, tiny_llama_folder, 4), "--output", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "batch_size 4 per process x 2 processes" in result.stdout
+    _same_adapter(out, one_process)
+
+
 def test_a_killed_two_process_run_resumes_to_the_same_adapter(tmp_path, tiny_llama_folder,
                                                               one_process):  # fmt: skip
     argv = [*_argv(tmp_path, tiny_llama_folder, 4), "--output", str(tmp_path / "out")]
