@@ -940,6 +940,11 @@ def _train(
             sharding["fsdp_config"]["transformer_layer_cls_to_wrap"] = layers
     if cfg.deepspeed:
         sharding["deepspeed"] = cfg.deepspeed
+    fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    if "average_tokens_across_devices" in fields:
+        # the loss weighted by tokens across processes (transformers 5's default; 4.x's is
+        # off), so N processes train what one process with the same global batch trains
+        sharding["average_tokens_across_devices"] = True
     args = transformers.TrainingArguments(
         **sharding,
         output_dir=str(workdir / "checkpoints"),
