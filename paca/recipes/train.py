@@ -929,24 +929,24 @@ def _train(
     steps = cfg.max_steps
     per_step = cfg.batch_size * cfg.grad_accum * procs.world
     total = steps or math.ceil(cfg.epochs * math.ceil(len(datasets["train"]) / per_step))
-    sharding: dict = {}
+    options: dict = {}  # TrainingArguments beyond the common ones
     if (
         cfg.fsdp
     ):  # FSDP2 over each decoder layer (transformers 5 reads "version", 4.x "fsdp_version")
         layers = list(getattr(model, "_no_split_modules", None) or [])
-        sharding["fsdp"] = "full_shard auto_wrap"
-        sharding["fsdp_config"] = {"version": 2, "fsdp_version": 2}
+        options["fsdp"] = "full_shard auto_wrap"
+        options["fsdp_config"] = {"version": 2, "fsdp_version": 2}
         if layers:
-            sharding["fsdp_config"]["transformer_layer_cls_to_wrap"] = layers
+            options["fsdp_config"]["transformer_layer_cls_to_wrap"] = layers
     if cfg.deepspeed:
-        sharding["deepspeed"] = cfg.deepspeed
+        options["deepspeed"] = cfg.deepspeed
     fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
     if "average_tokens_across_devices" in fields:
         # the loss weighted by tokens across processes (transformers 5's default; 4.x's is
         # off), so N processes train what one process with the same global batch trains
-        sharding["average_tokens_across_devices"] = True
+        options["average_tokens_across_devices"] = True
     args = transformers.TrainingArguments(
-        **sharding,
+        **options,
         output_dir=str(workdir / "checkpoints"),
         max_steps=steps if steps > 0 else -1,
         num_train_epochs=cfg.epochs,
