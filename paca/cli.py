@@ -274,7 +274,7 @@ def _train_parser(sub) -> None:
         "--deepspeed",
         default=None,
         metavar="CONFIG",
-        help="train with DeepSpeed (ZeRO-2/3) from this config (examples/deepspeed/zero2.json)",
+        help="train with DeepSpeed ZeRO-2 from this config (examples/deepspeed/zero2.json)",
     )
     p.add_argument(
         "--drop-backward",

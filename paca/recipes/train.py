@@ -114,10 +114,12 @@ class TrainConfig:
         fsdp (bool): shard the model over the processes with FSDP2 (``fully_shard`` of each
             decoder layer through the Trainer): for models larger than one device. PaCA then
             runs in additive mode (the sharded base layers run untouched). Needs a launcher
-            (``torchrun``) with several processes.
-        deepspeed (str | None): a DeepSpeed config file (ZeRO-2 or ZeRO-3, ``"auto"`` fields
-            filled from these settings; ``examples/deepspeed/``): the Trainer runs DeepSpeed,
-            PaCA in additive mode. Needs ``pip install "paca[deepspeed]"`` and a launcher.
+            (``torchrun``) and GPUs or HPUs (accelerate runs FSDP on no CPU processes).
+        deepspeed (str | None): a DeepSpeed ZeRO-2 config file (``"auto"`` fields filled
+            from these settings; ``examples/deepspeed/zero2.json``): the Trainer runs
+            DeepSpeed, PaCA in additive mode. ZeRO-3 is refused: it partitions the deltas,
+            which the final save does not gather. Needs ``pip install "paca[deepspeed]"``, a
+            launcher and GPUs or HPUs.
         gradient_checkpointing (bool): recompute activations in backward.
         seed (int): seed of the model head, column selection and data order.
         device (str): ``auto``, ``cpu``, ``cuda`` or ``hpu``.
