@@ -112,12 +112,17 @@ def test_paca_generate_answers_with_the_chat_template(folder, zero_adapter, caps
 
     from paca.cli import main
     from paca.recipes.generate import prompt_ids
+    from paca.recipes.loading import dtype_argument, runnable_dtype
 
     prompt = "What is the capital of France?"
     assert main(["generate", "--adapter", str(zero_adapter), "--max-new-tokens", "8", prompt]) == 0
     printed = capsys.readouterr().out.strip()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    base = AutoModelForCausalLM.from_pretrained(folder).eval()
+    # in the dtype paca generate picks here: the checkpoint's bf16 where the CPU computes it,
+    # fp32 where bf16 would be emulated
+    dtype = runnable_dtype(str(folder), "cpu")
+    base = AutoModelForCausalLM.from_pretrained(folder, **dtype_argument(dtype or torch.bfloat16))
+    base = base.eval()
     ids = prompt_ids(tokenizer, prompt)
     with torch.no_grad():
         out = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,

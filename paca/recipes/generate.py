@@ -18,7 +18,7 @@ import paca
 from paca.adapters import ADAPTER_CONFIG
 from paca.errors import PacaError
 from paca.recipes import smollm2
-from paca.recipes.loading import load_model
+from paca.recipes.loading import load_model, runnable_dtype
 
 
 def recorded_base(adapter: str | Path) -> str | None:
@@ -52,7 +52,7 @@ def load(adapter: str | Path, model: str | None = None, device: str = "cpu"):
     if not Path(adapter).is_dir():
         raise PacaError(f"adapter={adapter}: no such folder")
     name = model or base_model_of(adapter)
-    base = load_model(name, str(adapter))
+    base = load_model(name, str(adapter), dtype=runnable_dtype(name, device))
     paca.load_adapter(base, adapter, device=device)
     return base.eval(), transformers.AutoTokenizer.from_pretrained(name)
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from paca.errors import PacaError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def dtype_argument(dtype) -> dict:
@@ -31,13 +35,16 @@ def load_model_class(name_or_path: str, task: str | None = None):
     return model_class or transformers.AutoModel
 
 
-def load_model(name_or_path: str, adapter: str | None = None):
-    """The base model from a local folder (or a hub id).
+def load_model(name_or_path: str, adapter: str | None = None, dtype=None):
+    """The base model from a local folder (or a hub id), in ``dtype`` (default: the
+    checkpoint's own).
 
     If the adapter folder carries a ``config.json`` (``paca train`` writes one), that config
     decides the head class and its labels, so the adapter's trained head fits.
     """
     import transformers
+
+    extra = dtype_argument(dtype) if dtype is not None else {}
 
     path = Path(name_or_path)
     if path.exists() and not (path / "config.json").is_file():
@@ -51,5 +58,26 @@ def load_model(name_or_path: str, adapter: str | None = None):
         if getattr(config, "quantization_config", None) is not None:
             del config.quantization_config
         model_class = load_model_class(adapter)
-        return model_class.from_pretrained(name_or_path, config=config)
-    return load_model_class(name_or_path).from_pretrained(name_or_path)
+        return model_class.from_pretrained(name_or_path, config=config, **extra)
+    return load_model_class(name_or_path).from_pretrained(name_or_path, **extra)
+
+
+def runnable_dtype(name_or_path: str, device) -> torch.dtype | None:
+    """``float32`` for a bf16 or fp16 checkpoint on a device that does not compute that dtype
+    natively (a CPU without AVX512-BF16 or AMX emulates bf16: 125x slower than fp32 there,
+    docs/benchmarks.md); ``None`` (keep the checkpoint's dtype) otherwise."""
+    import json
+
+    import torch
+
+    from paca import backends
+
+    try:
+        config = json.loads((Path(name_or_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # a hub id, or no readable config: let transformers decide
+    stored = config.get("dtype") or config.get("torch_dtype")
+    if stored not in ("bfloat16", "float16"):
+        return None
+    native, _ = backends.bf16_support(torch.device(device))
+    return None if native else torch.float32
