@@ -360,6 +360,9 @@ def _merge_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace --output if it exists")
 
 
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
+
+
 def _run_merge(args) -> int:
     import transformers
 
@@ -370,10 +373,14 @@ def _run_merge(args) -> int:
     paca.merge(model)
     with atomic_dir(args.output, replace=args.force) as staging:
         model.save_pretrained(staging)
-        try:
-            transformers.AutoTokenizer.from_pretrained(base).save_pretrained(staging)
-        except (OSError, ValueError):
-            pass  # a model folder without a tokenizer: nothing to copy
+        # a model folder without a tokenizer has nothing to copy (asking transformers 4.x for
+        # one there raises an ImportError from sentencepiece, not an OSError)
+        folder = Path(base)
+        if not folder.is_dir() or any((folder / f).is_file() for f in _TOKENIZER_FILES):
+            try:
+                transformers.AutoTokenizer.from_pretrained(base).save_pretrained(staging)
+            except (OSError, ValueError):
+                pass  # none that loads: nothing to copy
     print(f"wrote merged model {args.output}")
     return 0
 

@@ -656,12 +656,14 @@ class Processes:
         if launcher_env(WORLD_SIZE_ENV, 1) > 1:
             from accelerate import PartialState
 
-            # the process group the Trainer then uses (gloo on CPUs, nccl on GPUs), and this
-            # process's device (cuda:LOCAL_RANK); on a CPU accelerate starts no group unless
-            # told it is one
+            # the process group the Trainer then uses (gloo on CPUs, nccl on GPUs); on a CPU
+            # accelerate starts no group unless told it is one
             self.state = PartialState(cpu=device.type == "cpu")
             self.rank, self.world = self.state.process_index, self.state.num_processes
-            self.device = self.state.device
+            # an accelerator: this process's own (cuda:LOCAL_RANK). Not on CPUs: accelerate
+            # says "cpu:0" there, and checkpoints tagged so do not load in torch.load
+            if device.type != "cpu":
+                self.device = self.state.device
 
     @property
     def main(self) -> bool:
