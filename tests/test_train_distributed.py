@@ -106,6 +106,13 @@ def test_accelerate_launch_trains_as_torchrun(tmp_path, tiny_llama_folder, one_p
 
 def test_a_killed_two_process_run_resumes_to_the_same_adapter(tmp_path, tiny_llama_folder,
                                                               one_process):  # fmt: skip
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip(
+            "transformers 4.x resumes a multi-process CPU run with map_location='cpu:0' (its "
+            "args.device there), which torch.load refuses; GPU runs get cuda:N"
+        )
     argv = [*_argv(tmp_path, tiny_llama_folder, 4), "--output", str(tmp_path / "out")]
     killed = _torchrun(argv, tmp_path, kill="step:5")  # both ranks die inside step 5
     assert killed.returncode != 0
