@@ -238,10 +238,10 @@ def _check(
                     f"{weights_file}: trainable module {name}.{key} holds NaN or inf; the file "
                     "is damaged: save the adapter again"
                 )
-            if tensors[f"{name}.{key}"].shape != state[key].shape:
+            if value.shape != state[key].shape:
                 raise PacaError(
                     f"trainable module {name}.{key} from {source} has shape "
-                    f"{tuple(tensors[f'{name}.{key}'].shape)}, "
+                    f"{tuple(value.shape)}, "
                     f"the model's {tuple(state[key].shape)}"
                 )
     unexpected, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))

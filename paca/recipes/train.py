@@ -264,7 +264,8 @@ def _check_deepspeed_config(path: str) -> None:
             f"deepspeed={path}: not a readable JSON config ({exc}); see "
             "examples/deepspeed/zero2.json"
         ) from None
-    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    zero = config.get("zero_optimization") if isinstance(config, dict) else None
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
     if stage == 3:
         raise TrainError(
             f"deepspeed={path} is ZeRO-3, which partitions PaCA's deltas; paca train saves "
@@ -889,6 +890,8 @@ def _train(
     from paca.integrations.hf import DropBackwardCallback, quantized_training
     from paca.integrations.hf import Trainer as AdapterTrainer
 
+    per_step = cfg.batch_size * cfg.grad_accum * procs.world  # examples per optimizer step
+
     class _Throughput(transformers.TrainerCallback):
         """Adds examples per second since training started to each loss line."""
 
@@ -899,7 +902,6 @@ def _train(
             if logs is not None and "loss" in logs:
                 seconds = time.perf_counter() - self.start[0]
                 steps = state.global_step - self.start[1]
-                per_step = cfg.batch_size * cfg.grad_accum * procs.world
                 logs["examples_per_s"] = round(steps * per_step / seconds, 1)
 
     class _StopIfDiverged(transformers.TrainerCallback):
@@ -931,12 +933,10 @@ def _train(
                 control.should_log = True
 
     steps = cfg.max_steps
-    per_step = cfg.batch_size * cfg.grad_accum * procs.world
     total = steps or math.ceil(cfg.epochs * math.ceil(len(datasets["train"]) / per_step))
     options: dict = {}  # TrainingArguments beyond the common ones
-    if (
-        cfg.fsdp
-    ):  # FSDP2 over each decoder layer (transformers 5 reads "version", 4.x "fsdp_version")
+    if cfg.fsdp:
+        # FSDP2 on each decoder layer (transformers 5 reads "version", 4.x "fsdp_version")
         layers = list(getattr(model, "_no_split_modules", None) or [])
         options["fsdp"] = "full_shard auto_wrap"
         options["fsdp_config"] = {"version": 2, "fsdp_version": 2}
@@ -992,10 +992,13 @@ def _train(
             train_dataset=datasets["train"],
             data_collator=collator,
         )
-    for wanted, enabled in ((cfg.fsdp, "is_fsdp_enabled"), (cfg.deepspeed, "is_deepspeed_enabled")):
+    for wanted, engine, enabled in (
+        (cfg.fsdp, "fsdp", "is_fsdp_enabled"),
+        (cfg.deepspeed, "deepspeed", "is_deepspeed_enabled"),
+    ):
         if wanted and not getattr(trainer, enabled, False):
             raise TrainError(
-                f"the Trainer did not enable {enabled[3:-8]} here (accelerate decides from the "
+                f"the Trainer did not enable {engine} here (accelerate decides from the "
                 "launcher and the device); start the run with torchrun or accelerate launch on "
                 "GPUs or HPUs"
             )
