@@ -479,11 +479,14 @@ def held_out_loss(
     model, dataset, collator, procs: Processes | None = None, classify=False, batch_size=64
 ) -> tuple[float, float | None]:
     """The held-out loss as the Trainer's ``evaluate`` defines it (each batch's mean loss,
-    weighted by its examples), and for a classifier the accuracy; split over the processes."""
+    weighted by its examples), and the accuracy: a classifier's, or a causal LM's next-token
+    accuracy on its labelled tokens (the answers: the share of answer tokens the model ranks
+    first given the reference prefix); split over the processes."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total = torch.zeros(3, dtype=torch.float64)  # sum of batch losses x examples, examples, hits
+    # sum of batch losses x examples, examples, hits, the scored items (examples or tokens)
+    total = torch.zeros(4, dtype=torch.float64)
     try:
         for batch in _my_batches(len(dataset), batch_size, procs):
             inputs = {k: v.to(device) for k, v in collator([dataset[i] for i in batch]).items()}
@@ -492,12 +495,20 @@ def held_out_loss(
             total[1] += len(batch)
             if classify:
                 total[2] += (out.logits.argmax(-1) == inputs["labels"]).sum().item()
+                total[3] += len(batch)
+            elif "labels" in inputs and out.logits.dim() == 3:
+                targets = inputs["labels"][:, 1:]
+                scored = targets != -100
+                hits = (out.logits[:, :-1].argmax(-1) == targets) & scored
+                total[2] += hits.sum().item()
+                total[3] += scored.sum().item()
     finally:
         model.train(was_training)
     if procs is not None:
         total = procs.sum(total)
     examples = max(total[1].item(), 1)
-    return total[0].item() / examples, (total[2].item() / examples if classify else None)
+    accuracy = total[2].item() / total[3].item() if total[3] else None
+    return total[0].item() / examples, accuracy
 
 
 @torch.no_grad()
@@ -1031,7 +1042,10 @@ def _train(
                 result[split] = {"loss": loss}
                 if labels:
                     result[split]["accuracy"] = accuracy
-                elif cfg.task == "chat" and BUILTIN_DATA.get(cfg.data, (None, True))[1]:
+                    continue
+                if accuracy is not None:  # a causal LM's next-token accuracy on its answers
+                    result[split]["token_accuracy"] = accuracy
+                if cfg.task == "chat" and BUILTIN_DATA.get(cfg.data, (None, True))[1]:
                     score, answers = exact_match(model, tokenizer, dataset.items, procs=procs)
                     result[split]["exact_match"] = score
                     generations[when] = answers
