@@ -31,7 +31,7 @@ This file is the public API only.
 """
 
 from paca import backends as _backends
-from paca.adapters import export_lora, load_adapter, save_adapter
+from paca.adapters import export_gguf_lora, export_lora, load_adapter, save_adapter, write_gguf
 from paca.config import PacaConfig
 from paca.dropbp import drop_backward, remove_drop_backward
 from paca.errors import MissingDependency, PacaError
@@ -82,6 +82,7 @@ __all__ = [
     "disabled",
     "drop_backward",
     "enable",
+    "export_gguf_lora",
     "export_lora",
     "get_config",
     "get_state",
@@ -95,4 +96,5 @@ __all__ = [
     "sync_weights",
     "trainable_parameters",
     "unload",
+    "write_gguf",
 ]

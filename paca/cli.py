@@ -24,6 +24,7 @@ from pathlib import Path
 
 import paca
 from paca.adapters.common import atomic_dir
+from paca.adapters.gguf_export import GGUF_TYPES
 from paca.adapters.lora import serving_hints
 from paca.errors import PacaError
 from paca.recipes import bench, generate, train
@@ -143,7 +144,8 @@ def _run_bench(args, parser) -> int:
 
 
 def _export_parsers(sub) -> None:
-    for name, formats in (("export", ("lora", "peft")), ("export-lora", ("lora",))):
+    every = ("lora", "peft", "gguf", "gguf-lora")
+    for name, formats in (("export", every), ("export-lora", ("lora",))):
         p = sub.add_parser(
             name,
             help="write a PaCA adapter as a PEFT LoRA adapter (servable by PEFT, vLLM, TGI, "
@@ -152,7 +154,10 @@ def _export_parsers(sub) -> None:
             else "the same as `paca export --format lora`",
             description="Loads the base model and the PaCA adapter and writes it in another "
             "format: lora, an exactly equivalent LoRA adapter (A = one-hot column selectors, "
-            "B = scaling * delta); peft, PEFT's PaCA format (peft>=0.22, nn.Linear layers only).",
+            "B = scaling * delta); peft, PEFT's PaCA format (peft>=0.22, nn.Linear layers only); "
+            "gguf, the merged model as one GGUF file for llama.cpp, Ollama and LM Studio "
+            "(LLaMA family; needs paca[gguf]); gguf-lora, a llama.cpp LoRA adapter GGUF to "
+            "apply on a GGUF of the base.",
         )
         p.add_argument("--model", default=None, help=_MODEL_HELP)
         p.add_argument(
@@ -161,11 +166,29 @@ def _export_parsers(sub) -> None:
         p.add_argument("--output", required=True, help="the adapter folder to write")
         p.add_argument("--force", action="store_true", help="replace --output if it exists")
         p.add_argument("--format", choices=formats, default="lora", help="what to write")
+        if name == "export":
+            p.add_argument(
+                "--gguf-type",
+                choices=GGUF_TYPES,
+                default="f32",
+                help="gguf formats: the matrices' type (q8_0: the gguf package's quantizer; "
+                "gguf-lora takes f32, f16, bf16)",
+            )
+            p.add_argument(
+                "--gguf-base",
+                default=None,
+                help="a GGUF of the base model: --format gguf copies its tokenizer (default: "
+                "the shipped SmolLM2 GGUF for the default model, else the model folder's "
+                "tokenizer files); --format gguf-lora names it in the printed llama.cpp command",
+            )
 
 
 def _run_export(args) -> int:
     _check_output_and_adapter(args)
-    model = load_model(_base_model(args), args.adapter)
+    if args.format in ("gguf", "gguf-lora"):
+        return _run_export_gguf(args)
+    base = _base_model(args)
+    model = load_model(base, args.adapter)
     paca.load_adapter(model, args.adapter, device="cpu")
     layers = len(paca.paca_layers(model))
     if args.format == "peft":
@@ -176,10 +199,47 @@ def _run_export(args) -> int:
     out = paca.export_lora(model, args.output, force=args.force)
     print(f"wrote LoRA adapter {out} ({layers} layers)")
     hints = serving_hints(out)
-    print(f"serve it with vLLM: vllm serve BASE {hints['vllm']} --lora-modules paca={out}")
+    print(f"serve it with vLLM: vllm serve {base} {hints['vllm']} --lora-modules paca={out}")
     if hints["modules_to_save"]:
         print(f"  (vLLM refuses its modules_to_save {hints['modules_to_save']}: serve the merged"
               " model, paca merge, for those)")  # fmt: skip
+    return 0
+
+
+def _run_export_gguf(args) -> int:
+    import torch
+
+    from paca.recipes import smollm2
+
+    base = _base_model(args)
+    # fp32 whatever the checkpoint's dtype: the merge and the F32 file are then exact
+    model = load_model(base, args.adapter, dtype=torch.float32)
+    paca.load_adapter(model, args.adapter, device="cpu")
+    layers = len(paca.paca_layers(model))
+    shipped = args.gguf_base or smollm2.source_gguf(base)
+    if args.format == "gguf-lora":
+        out = paca.export_gguf_lora(model, args.output, gguf_type=args.gguf_type, force=args.force)
+        print(f"wrote llama.cpp LoRA adapter {out} ({layers} layers)")
+        print(f"serve it with llama.cpp: llama-server -m {shipped or 'BASE.gguf'} --lora {out}")
+        return 0
+    paca.merge(model)
+    folder = Path(base) if Path(base).is_dir() else None
+    if shipped is None and folder is None:
+        raise PacaError(
+            f"model={base}: GGUF export needs the tokenizer files of a local model folder, or "
+            "--gguf-base <a GGUF of this base> to copy the tokenizer from"
+        )
+    out = paca.write_gguf(
+        model,
+        args.output,
+        tokenizer_folder=folder,
+        tokenizer_from=shipped,
+        gguf_type=args.gguf_type,
+        force=args.force,
+    )
+    print(f"wrote merged model {out} ({layers} layers merged, {args.gguf_type})")
+    print(f"serve it with llama.cpp: llama-server -m {out}")
+    print(f"or with Ollama: a Modelfile holding 'FROM {out.resolve()}', then ollama create")
     return 0
 
 

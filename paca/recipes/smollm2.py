@@ -85,6 +85,17 @@ def model_folder(cache: str | os.PathLike | None = None) -> Path:
     return folder
 
 
+def source_gguf(folder: str | os.PathLike) -> Path | None:
+    """The shipped GGUF that ``folder`` was converted from, if ``folder`` is the cached
+    SmolLM2 folder (GGUF export copies its tokenizer fields from it); else None."""
+    try:
+        if Path(folder).resolve() == (cache_dir() / FOLDER).resolve():
+            return gguf_path()
+    except (OSError, PacaError):
+        pass
+    return None
+
+
 def convert(source: Path, target: Path) -> None:
     """Dequantizes the GGUF at ``source`` into a transformers folder ``target`` (bf16)."""
     import torch
