@@ -79,6 +79,9 @@ class Config(NamedTuple):
     # for this folder (transformers 5's default): their keys have no suffix, and "bf16"
     # reproduces them; other precisions add "-<precision>" to the key
     precision: str = "bf16"
+    # equal wall time: the configuration whose --steps define the budget; this one trains for
+    # as many steps as fit in that time (STEP_TIMES), at its own rate (``rates`` names it)
+    budget: str | None = None
 
 
 PACA16 = "PaCA r16 (= LoRA r8 params)"
@@ -135,7 +138,38 @@ CONFIGS = [
             ("full fine-tuning", "full", 8, [1e-4, 2e-4, 4e-4]),
         ]
     ),
+    # equal wall time: each method gets PaCA r16's time for --steps steps on this machine, at
+    # the rate it chose for its task; PaCA r16 itself is its equal-step run above
+    *(
+        Config(
+            f"{name}, equal time{task}",
+            method,
+            r,
+            2 * r,
+            f"{name}{task}",
+            data=data,
+            precision="fp32",
+            budget=f"PaCA r16{task}",
+        )  # fmt: skip
+        for name, method, r in [
+            ("LoRA r8", "lora", 8),
+            ("PaCA r8", "paca", 8),
+            ("full fine-tuning", "full", 8),
+        ]  # fmt: skip
+        for task, data in [(", loss task", CONTINUE)]
+    ),
 ]
+# step time of each method relative to frozen SmolLM2-135M-Instruct on this machine, fp32, from
+# `paca bench` (every method interleaved round by round in one process, medians); PaCA r16 and
+# LoRA r8 at the study's shapes: run
+#   paca bench --model smollm2 --batch 8 --seq 96 --r 8 --methods frozen,paca,lora,full \
+#       --output /tmp/b8 && paca bench --model smollm2 --batch 8 --seq 96 --r 16 \
+#       --methods frozen,paca --output /tmp/b16
+# and keep the two bench.json files as below (each ratio is to its own run's frozen step)
+STEP_TIMES = {
+    "r8": "bench_smollm2_study_r8.json",
+    "r16": "bench_smollm2_study_r16.json",
+}
 SEEDS = [0, 1, 2]
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 RESULTS = DOCS / "results"  # raw results; the documents stay in docs/
@@ -214,6 +248,18 @@ def _at_input(args, kwargs, fn):
     if args:
         return (fn(args[0]), *args[1:]), kwargs
     return args, kwargs | {"hidden_states": fn(kwargs["hidden_states"])}
+
+
+def equal_time_steps(config: Config, budget: Config, steps: int) -> int:
+    """The steps ``config`` trains in the time ``budget`` takes for ``steps`` steps."""
+
+    def x_frozen(c: Config) -> float:
+        file = RESULTS / STEP_TIMES[f"r{c.r}" if c.method == "paca" else "r8"]
+        if not file.exists():
+            raise SystemExit(f"{file} is missing: measure the step times first ({__file__})")
+        return json.loads(file.read_text())["methods"][c.method]["x_frozen"]
+
+    return max(1, round(steps * x_frozen(budget) / x_frozen(config)))
 
 
 class Budget(Exception):
@@ -334,9 +380,15 @@ def main() -> None:
             if args.only and name != args.only:
                 continue
             how = (c.accum, c.per, c.variant)
+            if c.budget is not None:
+                steps = equal_time_steps(c, configs[c.budget], args.steps)
             if isinstance(rates, str):  # the rate chosen for another configuration, no sweep
                 other = configs[rates]
-                sweep, best = {}, best_rate(other.method, other.r, other.alpha, other.rates)[1]
+                sweep, best = {}, best_rate(
+                    other.method, other.r, other.alpha, other.rates, other.drop,
+                    other.sensitivity, other.steps, other.accum, other.per, other.variant,
+                    other.data, other.precision,
+                )[1]  # fmt: skip
             else:
                 sweep, best = best_rate(
                     method, r, alpha, rates, drop, sens, steps, *how, data, c.precision
