@@ -150,12 +150,12 @@ CONFIGS = [
             data=data,
             precision="fp32",
             budget=f"PaCA r16{task}",
-        )  # fmt: skip
+        )
         for name, method, r in [
             ("LoRA r8", "lora", 8),
             ("PaCA r8", "paca", 8),
             ("full fine-tuning", "full", 8),
-        ]  # fmt: skip
+        ]
         for task, data in [(", loss task", CONTINUE)]
     ),
 ]
