@@ -2,6 +2,7 @@
 there, and leaves no temporary files behind."""
 
 import errno
+import os
 
 import pytest
 import torch
@@ -57,6 +58,9 @@ def test_a_failed_folder_write_keeps_the_previous_folder(tmp_path):
         (staging / "b.txt").write_text("second")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    mask = os.umask(0o022)
+    os.umask(mask)  # the folder as mkdir makes it, not mkdtemp's 0700 (a server's user reads it)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~mask
 
 
 def test_a_replace_killed_between_its_renames_gets_the_old_folder_back(tmp_path):

@@ -2,6 +2,8 @@
 a float64 reference) and the llama.cpp LoRA adapter (read back with the gguf package). That
 llama.cpp itself answers as paca does is ci/serving.sh's check (llama-cpp-python, own venv)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -189,6 +191,11 @@ def test_refusals_write_nothing(tmp_path, tokenizer_folder):
         paca.write_gguf(scaled, target, tokenizer_folder=tokenizer_folder)
     with pytest.raises(paca.PacaError, match="no tokenizer the gguf package reads"):
         paca.write_gguf(small_llama(), target, tokenizer_folder=tmp_path)
+    quantized = small_llama()  # an integer weight, as a quantized layer keeps it
+    layer = quantized.model.layers[0].mlp.up_proj
+    layer.weight = torch.nn.Parameter(layer.weight.to(torch.int8), requires_grad=False)
+    with pytest.raises(paca.PacaError, match=r"up_proj is quantized .*floating-point base"):
+        paca.write_gguf(quantized, target, tokenizer_folder=tokenizer_folder)
     trained = adapted(small_llama(), trainable_modules=["lm_head"])
     with pytest.raises(paca.PacaError, match=r"lm_head were trained in full.*--format gguf"):
         paca.export_gguf_lora(trained, target)
@@ -203,6 +210,9 @@ def test_refusals_write_nothing(tmp_path, tokenizer_folder):
     paca.export_gguf_lora(adapted(small_llama(), seed=8), target, force=True)
     assert target.read_bytes() != before
     assert [p.name for p in tmp_path.iterdir()] == ["x.gguf"], "no temporary file left"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask, "readable as open() would make it"
 
 
 def test_cli_export_gguf_and_gguf_lora(tmp_path, tokenizer_folder, capsys):

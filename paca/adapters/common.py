@@ -47,6 +47,13 @@ def _write_error(target: Path, exc: OSError) -> WriteError:
     )
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, so set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -66,6 +73,7 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _fsync(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would keep servers' users out
         os.replace(tmp, target)
     except OSError as exc:
         raise _write_error(target, exc) from exc
@@ -98,6 +106,7 @@ def atomic_dir(target: str | os.PathLike, replace: bool = False) -> Iterator[Pat
         raise _write_error(target, exc) from exc
     try:
         yield staging
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700, as a plain mkdir would make it
         move_into_place(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
