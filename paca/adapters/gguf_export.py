@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from paca.adapters.common import atomic_file
+from paca.adapters.lora import column_selector
 from paca.errors import PacaError, require
 from paca.model import adapter_copies, adapter_layers, check_finite, paca_layers, resolve_adapter
 
@@ -116,6 +117,16 @@ def _rotary_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     rows = weight.shape[0]
     half = rows // heads // 2
     return weight.reshape(heads, 2, half, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _llama_cpp_rows(target: str, rows: torch.Tensor, config) -> torch.Tensor:
+    """``rows`` (a weight, or a LoRA ``B``) of GGUF tensor ``target`` in llama.cpp's order."""
+    heads = int(config.num_attention_heads)
+    if target.endswith(".attn_q"):
+        return _rotary_rows(rows, heads)
+    if target.endswith(".attn_k"):
+        return _rotary_rows(rows, int(getattr(config, "num_key_value_heads", None) or heads))
+    return rows
 
 
 def _gguf_name(hf_name: str) -> str | None:
@@ -286,8 +297,6 @@ def write_gguf(
     _check_plain(model, "GGUF export")
     if tokenizer_from is None and tokenizer_folder is None:
         raise PacaError("GGUF export needs a tokenizer: pass tokenizer_folder or tokenizer_from")
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     tensors = []
     for name, tensor in model.state_dict().items():
@@ -299,11 +308,7 @@ def write_gguf(
             continue
         if target == "output" and tied:
             continue  # llama.cpp reuses token_embd
-        weight = tensor.detach().to("cpu", torch.float32)
-        if target.endswith(".attn_q"):
-            weight = _rotary_rows(weight, heads)
-        elif target.endswith(".attn_k"):
-            weight = _rotary_rows(weight, kv_heads)
+        weight = _llama_cpp_rows(target, tensor.detach().to("cpu", torch.float32), config)
         tensors.append((f"{target}.weight", weight.numpy()))
 
     def fill(writer):
@@ -351,8 +356,6 @@ def export_gguf_lora(
             f"GGUF LoRA export: {', '.join(trained)} were trained in full, which a LoRA GGUF "
             "cannot carry; export the merged model instead (paca export --format gguf)"
         )
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     tensors, ranks = [], set()
     for name, layer, adapter in adapter_layers(model, adapter_name):
         target = _gguf_name(name)
@@ -360,12 +363,8 @@ def export_gguf_lora(
             raise PacaError(f"GGUF LoRA export: no llama.cpp tensor for the adapted layer {name}")
         ranks.add(adapter.r)
         up = (adapter.scaling * adapter.delta.detach()).to("cpu", torch.float32)
-        if target.endswith(".attn_q"):
-            up = _rotary_rows(up, heads)
-        elif target.endswith(".attn_k"):
-            up = _rotary_rows(up, kv_heads)
-        down = torch.zeros(adapter.r, layer.in_features)  # A: one-hot rows selecting the columns
-        down[torch.arange(adapter.r), adapter.idx.cpu()] = 1.0
+        up = _llama_cpp_rows(target, up, config)
+        down = column_selector(adapter.r, layer.in_features, adapter.idx, torch.float32)
         tensors.append((f"{target}.weight.lora_a", down.numpy()))
         tensors.append((f"{target}.weight.lora_b", up.numpy()))
     if len(ranks) != 1:

@@ -39,6 +39,14 @@ VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 TRAINED_MODULES = "trained_modules.safetensors"
 
 
+def column_selector(r: int, in_features: int, idx: torch.Tensor, dtype) -> torch.Tensor:
+    """LoRA's ``A`` (``r x in``) for a PaCA adapter: row ``i`` is one-hot at column ``idx[i]``,
+    so ``B @ A`` places ``B``'s columns at the trained input columns."""
+    selector = torch.zeros(r, in_features, dtype=dtype)
+    selector[torch.arange(r), idx.cpu()] = 1.0
+    return selector
+
+
 def export_lora(
     model: nn.Module,
     path: str | os.PathLike,
@@ -80,8 +88,7 @@ def export_lora(
     for name, layer, adapter in adapter_layers(model, adapter_name):
         r = adapter.r
         delta = adapter.delta.detach().to("cpu")
-        selector = torch.zeros(adapter.r, layer.in_features, dtype=delta.dtype)  # A: one-hot rows
-        selector[torch.arange(adapter.r), adapter.idx.cpu()] = 1.0
+        selector = column_selector(adapter.r, layer.in_features, adapter.idx, delta.dtype)
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = selector
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (adapter.scaling * delta).contiguous()
         targets.append(name)
