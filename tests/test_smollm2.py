@@ -161,7 +161,8 @@ def test_paca_train_on_smollm2_then_generate(folder, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train"]["steps"] == 3
     for when in ("before", "after"):
-        assert set(metrics[when]["test"]) == {"loss", "exact_match"}
+        assert set(metrics[when]["test"]) == {"loss", "exact_match", "token_accuracy"}
+        assert 0 <= metrics[when]["test"]["token_accuracy"] <= 1
     assert metrics["after"]["test"]["loss"] < metrics["before"]["test"]["loss"]
     assert len(metrics["examples"]) == 3 and {"answer", "before", "after"} <= set(
         metrics["examples"][0]

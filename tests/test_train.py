@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import with_tokenizer
+from conftest import tiny_llama, token_batch, with_tokenizer
 
 import paca
 from paca.cli import main
@@ -415,3 +415,27 @@ def test_second_embedded_task_has_longer_answers_from_the_same_splits():
     assert first["label"] in made["prompt"] and made["response"] not in made["prompt"]
     with pytest.raises(ValueError, match="embedded chat task"):
         TrainConfig(task="classification", data="docstring-continue")
+
+
+def test_held_out_token_accuracy_counts_the_answer_tokens_ranked_first():
+    from paca.recipes.train import held_out_loss
+
+    model = tiny_llama()
+    ids = token_batch(batch=3, seq=10)
+    labels = ids.clone()
+    labels[:, :4] = -100  # the prompt: not scored
+    labels[2, 7:] = -100  # a shorter answer
+    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(ids, labels, strict=True)]
+
+    def collate(batch):
+        return {k: torch.stack([b[k] for b in batch]) for k in ("input_ids", "labels")}
+
+    loss, accuracy = held_out_loss(model, rows, collate, batch_size=2)
+    with torch.no_grad():
+        logits = model(ids).logits
+    targets = labels[:, 1:]
+    scored = targets != -100
+    hits = (logits[:, :-1].argmax(-1) == targets) & scored
+    assert accuracy == pytest.approx(hits.sum().item() / scored.sum().item())
+    batches = [model(ids[:2], labels=labels[:2]).loss, model(ids[2:], labels=labels[2:]).loss]
+    assert loss == pytest.approx((2 * batches[0].item() + batches[1].item()) / 3, rel=1e-5)
