@@ -163,7 +163,9 @@ def _export_parsers(sub) -> None:
         p.add_argument(
             "--adapter", required=True, help="the PaCA adapter folder (any format paca reads)"
         )
-        p.add_argument("--output", required=True, help="the adapter folder to write")
+        p.add_argument(
+            "--output", required=True, help="the adapter folder (gguf formats: file) to write"
+        )
         p.add_argument("--force", action="store_true", help="replace --output if it exists")
         p.add_argument("--format", choices=formats, default="lora", help="what to write")
         if name == "export":
@@ -187,6 +189,11 @@ def _run_export(args) -> int:
     _check_output_and_adapter(args)
     if args.format in ("gguf", "gguf-lora"):
         return _run_export_gguf(args)
+    if getattr(args, "gguf_type", "f32") != "f32" or getattr(args, "gguf_base", None):
+        raise PacaError(
+            f"gguf_type and gguf_base apply to the GGUF formats, not format={args.format!r}; "
+            "pass format=gguf or format=gguf-lora, or leave them out"
+        )
     base = _base_model(args)
     model = load_model(base, args.adapter)
     paca.load_adapter(model, args.adapter, device="cpu")
@@ -209,8 +216,13 @@ def _run_export(args) -> int:
 def _run_export_gguf(args) -> int:
     import torch
 
+    from paca.adapters import gguf_export
     from paca.recipes import smollm2
 
+    # what needs no model first: the gguf package is there, the type fits the format
+    gguf_export.require_gguf()
+    allowed = gguf_export.LORA_GGUF_TYPES if args.format == "gguf-lora" else GGUF_TYPES
+    gguf_export.check_type(args.gguf_type, allowed, f"format={args.format}")
     base = _base_model(args)
     # fp32 whatever the checkpoint's dtype: the merge and the F32 file are then exact
     model = load_model(base, args.adapter, dtype=torch.float32)

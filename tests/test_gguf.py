@@ -3,6 +3,7 @@ a float64 reference) and the llama.cpp LoRA adapter (read back with the gguf pac
 llama.cpp itself answers as paca does is ci/serving.sh's check (llama-cpp-python, own venv)."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,6 +234,12 @@ def test_cli_export_gguf_and_gguf_lora(tmp_path, tokenizer_folder, capsys):
     assert f"--lora {lora}" in capsys.readouterr().out
     assert main([*argv, "--format", "gguf-lora", "--output", str(lora)]) == 2
     assert "exists" in capsys.readouterr().err
+    other = str(tmp_path / "other.gguf")
+    assert main([*argv, "--format", "gguf-lora", "--gguf-type", "q8_0", "--output", other]) == 2
+    assert "--gguf-type 'q8_0'; use one of f32, f16, bf16" in capsys.readouterr().err
+    assert main([*argv, "--gguf-type", "q8_0", "--output", str(tmp_path / "peft-lora")]) == 2
+    assert "apply to the GGUF formats" in capsys.readouterr().err
+    assert not Path(other).exists() and not (tmp_path / "peft-lora").exists()
     gpt2 = tmp_path / "gpt2"
     tiny_gpt2().save_pretrained(gpt2)
     paca.save_adapter(adapted(tiny_gpt2()), tmp_path / "gpt2-adapter")

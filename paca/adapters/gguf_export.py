@@ -66,7 +66,8 @@ _TOP_TENSORS = {
 }
 
 
-def _gguf():
+def require_gguf():
+    """The ``gguf`` package, else MissingDependency naming ``paca[gguf]``."""
     return require("gguf", "GGUF export", extra="gguf")
 
 
@@ -180,7 +181,7 @@ def _tensor_type(gguf, name: str, array, gguf_type: str):
 _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
 
 
-def _check_type(gguf_type: str, allowed: tuple[str, ...], what: str) -> None:
+def check_type(gguf_type: str, allowed: tuple[str, ...], what: str) -> None:
     if gguf_type not in allowed:
         raise PacaError(f"{what}: gguf_type={gguf_type!r}; use one of {', '.join(allowed)}")
 
@@ -290,9 +291,9 @@ def write_gguf(
         PacaError: not the LLaMA family, adapters or quantized layers still in it, no
             tokenizer, an unknown type, or the file exists; nothing is written then.
     """
-    gguf = _gguf()
+    gguf = require_gguf()
     path = Path(path)
-    _check_type(gguf_type, GGUF_TYPES, "GGUF export")
+    check_type(gguf_type, GGUF_TYPES, "GGUF export")
     config = _llama_config(model)
     _check_plain(model, "GGUF export")
     if tokenizer_from is None and tokenizer_folder is None:
@@ -344,9 +345,9 @@ def export_gguf_lora(
             modules trained in full (a LoRA GGUF cannot carry them: export the merged model),
             an unknown type, or the file exists; nothing is written then.
     """
-    gguf = _gguf()
+    gguf = require_gguf()
     path = Path(path)
-    _check_type(gguf_type, LORA_GGUF_TYPES, "GGUF LoRA export")
+    check_type(gguf_type, LORA_GGUF_TYPES, "GGUF LoRA export")
     adapter_name = resolve_adapter(model, adapter_name, "export")
     config = _llama_config(model)
     check_finite(model, adapter_name, "export")
