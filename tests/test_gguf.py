@@ -131,6 +131,13 @@ def test_copies_the_tokenizer_of_a_base_gguf(tmp_path, tokenizer_folder):
         paca.export_gguf_lora(adapted(small_llama()), lora)
         paca.write_gguf(small_llama(), tmp_path / "c.gguf", tokenizer_from=lora)
     assert not (tmp_path / "c.gguf").exists()
+    padded = tiny_llama(vocab_size=VOCAB + 4)  # an embedding padded past the tokenizer
+    with pytest.raises(paca.PacaError, match=f"has {VOCAB} tokens, the model's vocabulary"):
+        paca.write_gguf(padded, tmp_path / "c.gguf", tokenizer_from=first)
+    assert not (tmp_path / "c.gguf").exists()
+    out = paca.write_gguf(padded, tmp_path / "c.gguf", tokenizer_folder=tokenizer_folder)
+    tokens = gguf.GGUFReader(str(out)).fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == VOCAB + 4 and tokens[-1] == f"[PAD{VOCAB + 3}]"
 
 
 @pytest.mark.parametrize(

@@ -201,12 +201,18 @@ def _add_model_fields(writer, config, name: str) -> None:
     writer.add_vocab_size(int(config.vocab_size))
 
 
-def _copy_tokenizer(gguf, writer, source: Path) -> None:
+def _copy_tokenizer(gguf, writer, source: Path, vocab_size: int) -> None:
     """Every ``tokenizer.*`` field of the GGUF ``source``, as it is."""
     reader = gguf.GGUFReader(str(source))
     fields = [f for k, f in reader.fields.items() if k.startswith("tokenizer.")]
-    if not any(f.name == "tokenizer.ggml.tokens" for f in fields):
+    tokens = next((f for f in fields if f.name == "tokenizer.ggml.tokens"), None)
+    if tokens is None:
         raise PacaError(f"tokenizer_from={source}: this GGUF holds no tokenizer")
+    if len(tokens.data) != vocab_size:  # llama.cpp refuses a file whose counts differ
+        raise PacaError(
+            f"tokenizer_from={source} has {len(tokens.data)} tokens, the model's vocabulary "
+            f"{vocab_size}: pass a GGUF of this model's base"
+        )
     for field in fields:
         kind = field.types[0]
         if kind == gguf.GGUFValueType.ARRAY:
@@ -215,7 +221,7 @@ def _copy_tokenizer(gguf, writer, source: Path) -> None:
             writer.add_key_value(field.name, field.contents(), kind)
 
 
-def _add_tokenizer(gguf, writer, folder: Path) -> None:
+def _add_tokenizer(gguf, writer, folder: Path, vocab_size: int) -> None:
     """The tokenizer of a transformers folder, through the gguf package's readers."""
     vocab = None
     for reader in (gguf.vocab.BpeVocab, gguf.vocab.LlamaHfVocab):
@@ -234,6 +240,17 @@ def _add_tokenizer(gguf, writer, folder: Path) -> None:
         tokens.append(text)
         scores.append(score)
         types.append(kind)
+    # an embedding padded past the tokenizer (common) gets placeholder tokens: llama.cpp wants
+    # one token per embedding row
+    for i in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{i}]")
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    if len(tokens) > vocab_size:
+        raise PacaError(
+            f"GGUF export: {folder}'s tokenizer has {len(tokens)} tokens, more than the "
+            f"model's vocabulary ({vocab_size}); pass the folder of this model's tokenizer"
+        )
     writer.add_tokenizer_model(vocab.tokenizer_model)
     if vocab.tokenizer_model == "gpt2":
         writer.add_tokenizer_pre("default")
@@ -316,9 +333,9 @@ def write_gguf(
         _add_model_fields(writer, config, getattr(config, "_name_or_path", "") or "paca-merged")
         writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[gguf_type]))
         if tokenizer_from is not None:
-            _copy_tokenizer(gguf, writer, Path(tokenizer_from))
+            _copy_tokenizer(gguf, writer, Path(tokenizer_from), int(config.vocab_size))
         else:
-            _add_tokenizer(gguf, writer, Path(tokenizer_folder))
+            _add_tokenizer(gguf, writer, Path(tokenizer_folder), int(config.vocab_size))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for name, array in tensors:
             data, raw = _tensor_type(gguf, name, array, gguf_type)
