@@ -166,7 +166,7 @@ def _tensor_type(gguf, name: str, array, gguf_type: str):
     import numpy as np
 
     if array.ndim == 1 or gguf_type == "f32":
-        return array.astype(np.float32), None
+        return array.astype(np.float32, copy=False), None
     if gguf_type == "f16":
         return array.astype(np.float16), None
     kind = gguf.GGMLQuantizationType.BF16 if gguf_type == "bf16" else gguf.GGMLQuantizationType.Q8_0
@@ -175,7 +175,7 @@ def _tensor_type(gguf, name: str, array, gguf_type: str):
         logger.warning("paca: %s has rows of %d, not a multiple of %d: written as F16",
                        name, array.shape[-1], block)  # fmt: skip
         return array.astype(np.float16), None
-    return gguf.quantize(array.astype(np.float32), kind), kind
+    return gguf.quantize(array.astype(np.float32, copy=False), kind), kind
 
 
 _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
