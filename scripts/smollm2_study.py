@@ -23,6 +23,14 @@ projections, the same step budget; the zero-shot base is every run's "before".
    step but its path kept (``update-only``), and DropBP with its gradient made unbiased by
    scaling the kept branches' paths (``unbiased``, with a rate sweep of its own), or scaled
    half as much in the exponent, which keeps each path's mean square (``norm-preserving``).
+7. The loss task fairly (``..., loss task``): each method's rate swept on that task's own
+   validation split, scored by answer loss, in fp32; then 3 seeds on test at the chosen rate.
+8. Equal wall time (``..., equal time``): LoRA r8, PaCA r8 and full fine-tuning train for as
+   many steps as fit in PaCA r16's time for 100 (``paca bench``'s step-time ratios, STEP_TIMES),
+   on both tasks, in fp32, at the rate each chose for the task.
+
+``scripts/smollm2_report.py`` writes the verdict and the sections of docs/accuracy.md on 7 and
+8 (and the README's sentence on them) from the cache.
 
 Resolution: one run's exact match on 632 test examples has a standard error of about
 sqrt(p (1 - p) / 632), 1.6 points at p = 0.8 (95% interval about +-3.1 points); two methods are
@@ -31,7 +39,7 @@ than that, but a 1-point difference is at the edge of what this split can show.
 
 Every finished run goes into docs/results/smollm2_study_runs.json at once (committed with the
 repository, so the study resumes across sessions where it stopped); a run takes 4-7 minutes on
-2 CPU cores.
+2 CPU cores with bf16 units, 10-15 minutes in fp32 on 2 cores without them.
 Several processes may share the cache (each write re-reads it under a lock
 and adds its own run), but on 2 cores one process with both threads is faster: two one-thread
 processes took 6.5 s (PaCA) and 9.2 s (full) per step, one PaCA run alone 2.5 s.
@@ -138,6 +146,9 @@ CONFIGS = [
             ("full fine-tuning", "full", 8, [1e-4, 2e-4, 4e-4]),
         ]
     ),
+    # the exact-match task in fp32 at 100 steps, the budget of its equal-time runs (those must
+    # run in the precision the step times were measured in; the rate is the one PaCA r16 chose)
+    Config("PaCA r16, fp32", "paca", 16, 32, PACA16, precision="fp32"),
     # equal wall time: each method gets PaCA r16's time for --steps steps on this machine, at
     # the rate it chose for its task; PaCA r16 itself is its equal-step run above
     *(
@@ -149,14 +160,17 @@ CONFIGS = [
             f"{name}{task}",
             data=data,
             precision="fp32",
-            budget=f"PaCA r16{task}",
+            budget=budget,
         )
+        for task, data, budget in [
+            (", loss task", CONTINUE, "PaCA r16, loss task"),
+            ("", None, "PaCA r16, fp32"),
+        ]
         for name, method, r in [
             ("LoRA r8", "lora", 8),
             ("PaCA r8", "paca", 8),
             ("full fine-tuning", "full", 8),
         ]
-        for task, data in [(", loss task", CONTINUE)]
     ),
 ]
 # step time of each method relative to frozen SmolLM2-135M-Instruct on this machine, fp32, from
@@ -252,18 +266,23 @@ def _at_input(args, kwargs, fn):
 
 def equal_time_steps(config: Config, budget: Config, steps: int) -> int:
     """The steps ``config`` trains in the time ``budget`` takes for ``steps`` steps."""
-
-    def x_frozen(c: Config) -> float:
-        file = RESULTS / STEP_TIMES[f"r{c.r}" if c.method == "paca" else "r8"]
-        if not file.exists():
-            raise SystemExit(f"{file} is missing: measure the step times first ({__file__})")
-        return json.loads(file.read_text())["methods"][c.method]["x_frozen"]
-
     return max(1, round(steps * x_frozen(budget) / x_frozen(config)))
+
+
+def x_frozen(c: Config) -> float:
+    """A configuration's step time over the frozen model's, from the bench files (STEP_TIMES)."""
+    file = RESULTS / STEP_TIMES[f"r{c.r}" if c.method == "paca" else "r8"]
+    if not file.exists():
+        raise SystemExit(f"{file} is missing: measure the step times first ({__file__})")
+    return json.loads(file.read_text())["methods"][c.method]["x_frozen"]
 
 
 class Budget(Exception):
     """--max-runs reached: the cache holds what ran; run the script again to continue."""
+
+
+class Missing(Budget):
+    """A dry study (scripts/smollm2_report.py): a run the answer needs is not in the cache yet."""
 
 
 def read(cache: Path) -> dict:
@@ -282,63 +301,82 @@ def add_run(cache: Path, key: str, metrics: dict) -> dict:
     return runs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--only", default=None, help="one configuration name")
-    parser.add_argument("--max-runs", type=int, default=0, help="stop after N new runs")
-    parser.add_argument("--cache", default=str(CACHE), help="the run cache (JSON)")
-    parser.add_argument(
-        "--sweep-only", action="store_true", help="only the validation sweeps (no test seeds)"
-    )
-    args = parser.parse_args()
-    cache = Path(args.cache)
-    runs = read(cache)
-    new = 0
+def run_key(method, r, alpha, lr, seed, split, drop=0.0, steps=100, data=None, sens=False,
+            accum=1, per="step", variant=None, precision="bf16") -> str:  # fmt: skip
+    """A run's name in the cache: every setting that differs from the study's defaults."""
+    key = f"{method}-r{r}-a{alpha}-lr{lr}-s{seed}-steps{steps}-{split}"
+    key += (f"-drop{drop}" if drop else "") + ("-sensitivity" if sens else "")
+    key += (f"-ga{accum}" if accum > 1 else "") + ("-per-micro" if per != "step" else "")
+    key += f"-{variant}" if variant else ""
+    key += f"-{data}" if data else ""
+    return key + (f"-{precision}" if precision != "bf16" else "")
 
-    def train(method, r, alpha, lr, seed, split, drop=0.0, steps=None, data=None, sens=False,
-              accum=1, per="step", variant=None, precision="bf16"):  # fmt: skip
-        nonlocal new, runs
-        steps = steps or args.steps
-        key = f"{method}-r{r}-a{alpha}-lr{lr}-s{seed}-steps{steps}-{split}"
-        key += (f"-drop{drop}" if drop else "") + ("-sensitivity" if sens else "")
-        key += (f"-ga{accum}" if accum > 1 else "") + ("-per-micro" if per != "step" else "")
-        key += f"-{variant}" if variant else ""
-        key += f"-{data}" if data else ""
-        key += f"-{precision}" if precision != "bf16" else ""
-        runs = read(cache)  # with what other processes added
-        if key in runs:
-            return runs[key]
-        if args.max_runs and new >= args.max_runs:
+
+class Study:
+    """The runs of CONFIGS: from the cache where they ran, else trained (and cached), or, with
+    ``dry``, Missing."""
+
+    def __init__(self, cache: Path, steps: int = 100, max_runs: int = 0, dry: bool = False):
+        self.cache, self.steps, self.max_runs, self.dry = cache, steps, max_runs, dry
+        self.runs = read(cache)
+        self.new = 0
+        self.configs = {c.name: c for c in CONFIGS}
+
+    def spec(self, c: Config) -> dict:
+        """A configuration's settings as ``train`` takes them (all but rate, seed and split)."""
+        steps = c.steps or self.steps
+        if c.budget is not None:
+            steps = equal_time_steps(c, self.configs[c.budget], self.steps)
+        return dict(method=c.method, r=c.r, alpha=c.alpha, drop=c.drop, steps=steps, data=c.data,
+                    sens=c.sensitivity, accum=c.accum, per=c.per, variant=c.variant,
+                    precision=c.precision)  # fmt: skip
+
+    def train(self, lr, seed, split, **spec) -> dict:
+        key = run_key(lr=lr, seed=seed, split=split, **spec)
+        if not self.dry:
+            self.runs = read(self.cache)  # with what other processes added
+        if key in self.runs:
+            return self.runs[key]
+        if self.dry:
+            raise Missing(key)
+        if self.max_runs and self.new >= self.max_runs:
             raise Budget
+        method, r, data, precision = spec["method"], spec["r"], spec["data"], spec["precision"]
         folder = Path(tempfile.mkdtemp()) / "run"
         started = time.time()
         # every example of the split; the zero-shot base is the same for every run of a task,
-        # so it is scored once per task and split
+        # split and precision, so it is scored once for each
         scoring = {"eval_split": split, "eval_examples": 0}
         same_task = re.compile(
             rf"-{split}(-drop[0-9.]+)?(-sensitivity)?(-ga[0-9]+)?(-per-micro)?"
             + rf"(-(?:{'|'.join(VARIANTS)}))?"
             + (f"-{data}" if data else "")
-            + r"(-fp32)?$"
+            + (f"-{precision}" if precision != "bf16" else "")
+            + "$"
         )
-        scoring["eval_before"] = not any(same_task.search(k) for k in runs)
-        setting = {"method": method, "r": r, "alpha": alpha, "lr": lr, "seed": seed}
+        scoring["eval_before"] = not any(same_task.search(k) for k in self.runs)
+        setting = {"method": method, "r": r, "alpha": spec["alpha"], "lr": lr, "seed": seed}
         setting["precision"] = precision
-        setting |= {"drop_backward": drop, "drop_sensitivity": sens, "data": data}
-        if accum > 1:  # the same 8 examples per optimizer step, as micro-batches
-            setting |= {"batch_size": 8 // accum, "grad_accum": accum}
-        if drop:
-            setting["drop_per"] = per
-        with dropbp_variant(variant):
+        setting |= {"drop_backward": spec["drop"], "drop_sensitivity": spec["sens"], "data": data}
+        if spec["accum"] > 1:  # the same 8 examples per optimizer step, as micro-batches
+            setting |= {"batch_size": 8 // spec["accum"], "grad_accum": spec["accum"]}
+        if spec["drop"]:
+            setting["drop_per"] = spec["per"]
+        with dropbp_variant(spec["variant"]):
             metrics = run(
-                TrainConfig(task="chat", max_steps=steps, output=str(folder), **setting, **scoring)
+                TrainConfig(
+                    task="chat",
+                    max_steps=spec["steps"],
+                    output=str(folder),
+                    **setting,
+                    **scoring,
+                )
             )
         shutil.rmtree(folder.parent, ignore_errors=True)
         metrics["wall_seconds"] = round(time.time() - started, 1)
         metrics["threads"] = torch.get_num_threads()
-        runs = add_run(cache, key, metrics)
-        new += 1
+        self.runs = add_run(self.cache, key, metrics)
+        self.new += 1
         after = metrics["after"][split]
         result = (
             f"exact match {after['exact_match']:.4f}" if not data else f"loss {after['loss']:.4f}"
@@ -346,19 +384,11 @@ def main() -> None:
         print(f"{key}: {result}", file=sys.stderr, flush=True)
         return metrics
 
-    def score(metrics, split):
-        """Higher is better: the exact match, or minus the answer loss on the loss task."""
-        after = metrics["after"][split]
-        return after["exact_match"] if "exact_match" in after else -after["loss"]
-
-    def best_rate(method, r, alpha, rates, drop=0.0, sens=False, steps=None, accum=1, per="step",
-                  variant=None, data=None, precision="bf16"):  # fmt: skip
+    def best_rate(self, rates: list[float], **spec) -> tuple[dict, float]:
         """The validation sweep (extended at an edge) and its best rate."""
 
         def val(lr):
-            run = train(method, r, alpha, lr, 0, "validation", drop, steps, data, sens, accum,
-                        per, variant, precision)  # fmt: skip
-            return score(run, "validation")
+            return score(self.train(lr, 0, "validation", **spec), "validation")
 
         sweep = {lr: val(lr) for lr in rates}
         best = max(sweep, key=sweep.get)
@@ -372,45 +402,81 @@ def main() -> None:
             best = lr
         return sweep, best
 
-    configs = {c.name: c for c in CONFIGS}
+    def chosen(self, c: Config) -> tuple[dict, float]:
+        """The configuration's sweep (empty where it takes another's rate) and its rate."""
+        if isinstance(c.rates, str):
+            return {}, self.chosen(self.configs[c.rates])[1]
+        return self.best_rate(c.rates, **self.spec(c))
+
+    def finals(self, c: Config) -> list[dict]:
+        """The test runs at the chosen rate, seed by seed."""
+        best = self.chosen(c)[1]
+        return [self.train(best, s, "test", **self.spec(c)) for s in SEEDS]
+
+    def cached_sweep(self, c: Config) -> dict[float, dict]:
+        """The validation runs of a sweeping configuration that are in the cache, by rate (the
+        sweep's rates and any extension of it)."""
+        if isinstance(c.rates, str):
+            return {}
+        low, high = min(c.rates), max(c.rates)
+        rates = [*c.rates, *(low / 2**k for k in range(1, 5)), *(high * 2**k for k in range(1, 5))]
+        keys = {lr: run_key(lr=lr, seed=0, split="validation", **self.spec(c)) for lr in rates}
+        return {lr: self.runs[k] for lr, k in sorted(keys.items()) if k in self.runs}
+
+    def cached_finals(self, c: Config) -> tuple[float | None, list[dict]]:
+        """The chosen rate (None while its sweep runs) and the test runs cached at it."""
+        try:
+            best = self.chosen(c)[1]
+        except Missing:
+            return None, []
+        keys = [run_key(lr=best, seed=s, split="test", **self.spec(c)) for s in SEEDS]
+        return best, [self.runs[k] for k in keys if k in self.runs]
+
+
+def score(metrics, split):
+    """Higher is better: the exact match, or minus the answer loss on the loss task."""
+    after = metrics["after"][split]
+    return after["exact_match"] if "exact_match" in after else -after["loss"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--only", default=None, help="one configuration name")
+    parser.add_argument("--max-runs", type=int, default=0, help="stop after N new runs")
+    parser.add_argument("--cache", default=str(CACHE), help="the run cache (JSON)")
+    parser.add_argument(
+        "--sweep-only", action="store_true", help="only the validation sweeps (no test seeds)"
+    )
+    args = parser.parse_args()
+    cache = Path(args.cache)
+    if args.only is not None and args.only not in {c.name for c in CONFIGS}:
+        raise SystemExit(f"--only {args.only!r}: no such configuration")
+    study = Study(cache, args.steps, args.max_runs)
     table = []
     try:
         for c in CONFIGS:
-            name, method, r, alpha, rates, drop, steps, data, sens = c[:9]
-            if args.only and name != args.only:
+            if args.only and c.name != args.only:
                 continue
-            how = (c.accum, c.per, c.variant)
-            if c.budget is not None:
-                steps = equal_time_steps(c, configs[c.budget], args.steps)
-            if isinstance(rates, str):  # the rate chosen for another configuration, no sweep
-                other = configs[rates]
-                sweep, best = {}, best_rate(
-                    other.method, other.r, other.alpha, other.rates, other.drop,
-                    other.sensitivity, other.steps, other.accum, other.per, other.variant,
-                    other.data, other.precision,
-                )[1]  # fmt: skip
-            else:
-                sweep, best = best_rate(
-                    method, r, alpha, rates, drop, sens, steps, *how, data, c.precision
-                )
-                if args.sweep_only:
-                    continue
-            finals = [
-                train(method, r, alpha, best, s, "test", drop, steps, data, sens, *how, c.precision)
-                for s in SEEDS
-            ]
-            row = {"name": name, "lr": best, "drop_backward": drop, "steps": steps or args.steps}
-            row |= {"drop_sensitivity": sens, "micro_batches": c.accum, "drop_per": c.per}
+            if args.sweep_only:
+                study.chosen(c)
+                continue
+            sweep = study.chosen(c)[0]
+            best = study.chosen(c)[1]
+            finals = study.finals(c)
+            steps = study.spec(c)["steps"]
+            row = {"name": c.name, "lr": best, "drop_backward": c.drop, "steps": steps}
+            row |= {"drop_sensitivity": c.sensitivity, "micro_batches": c.accum, "drop_per": c.per}
             row["drop_variant"] = c.variant
             row["precision"] = c.precision
-            row["data"] = data or "docstring (exact match)"
-            if data:  # the loss task's sweep, as losses
+            row["data"] = c.data or "docstring (exact match)"
+            if c.data:  # the loss task's sweep, as losses
                 row["sweep_validation_loss"] = {str(k): -v for k, v in sweep.items()}
             else:
                 row["sweep_validation_exact_match"] = {str(k): v for k, v in sweep.items()}
             losses = [m["after"]["test"]["loss"] for m in finals]
             row["test_answer_loss"] = losses
-            if data:
+            if c.data:
                 row |= {"mean": statistics.mean(losses), "std": statistics.stdev(losses)}
             else:
                 tests = [100 * score(m, "test") for m in finals]
@@ -419,13 +485,13 @@ def main() -> None:
             row["trainable_params"] = finals[0]["trainable_params"]
             table.append(row)
     except Budget:
-        print(f"stopped after {new} new runs; {len(runs)} in {cache}", file=sys.stderr)
+        print(f"stopped after {study.new} new runs; {len(study.runs)} in {cache}", file=sys.stderr)
         return
     if args.only or args.sweep_only:
         print(json.dumps(table, indent=1))
         return  # the summary file holds whole studies only
     zero_shot = {}
-    for key, m in runs.items():
+    for key, m in study.runs.items():
         if m["before"].get("test"):
             zero_shot.setdefault(
                 "docstring-continue" if key.endswith("-continue") else "docstring",
