@@ -277,6 +277,18 @@ def _check_output_and_adapter(args) -> None:
         raise PacaError(f"adapter={args.adapter}: no such folder")
 
 
+def _module_names(text: str) -> list[str] | str:
+    """--target-modules: ``all-linear``, or comma-separated name suffixes."""
+    if text == "all-linear":
+        return text
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has an empty name; give comma-separated names such as q_proj,v_proj"
+        )
+    return names
+
+
 def _train_parser(sub) -> None:
     defaults = train.TrainConfig()
     p = sub.add_parser(
@@ -320,6 +332,14 @@ def _train_parser(sub) -> None:
         default=defaults.selection,
         help="PaCA's columns, one of: "
         + "; ".join(f"{s.name} ({s.help})" for s in STRATEGIES.values()),
+    )
+    p.add_argument(
+        "--target-modules",
+        type=_module_names,
+        default=None,
+        metavar="NAMES",
+        help="layers paca/lora adapt: comma-separated name suffixes (q_proj,v_proj) or "
+        "all-linear (default: every attention and MLP projection)",
     )
     p.add_argument("--lr", type=float, default=None, help="default: per method (train.DEFAULT_LR)")
     p.add_argument(

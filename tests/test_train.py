@@ -235,6 +235,26 @@ def _assert_same_adapter(a, b, tol=1e-6):
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("method", ["paca", "lora"])
+def test_target_modules_choose_the_layers_of_both_methods(tmp_path, tiny_llama_folder, method):
+    """--target-modules q_proj,v_proj: only those layers train, the same for PaCA and LoRA (the
+    study's attention-only runs need both); the adapter reloads with them."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / method
+    argv = [*_lm_argv(tmp_path, tiny_llama_folder), "--max-steps", "2", "--method", method]
+    argv += ["--r", "4", "--target-modules", "q_proj,v_proj"]
+    assert main([*argv, "--output", str(out)]) == 0
+    files = list((out / "adapter").glob("*.safetensors"))
+    layers = {k.split(".self_attn.")[-1].split(".")[0] for f in files for k in load_file(f)}
+    assert layers == {"q_proj", "v_proj"}, layers
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+    # 2 blocks x 2 layers of 32 x 32, r 4: PaCA trains 32 x 4 per layer, LoRA 4 x 32 + 32 x 4
+    trainable = json.loads((out / "metrics.json").read_text())["trainable_params"]
+    assert trainable == 4 * {"paca": 32 * 4, "lora": 2 * 32 * 4}[method]
+
+
 def test_grad_accum_and_gradient_checkpointing_give_the_same_adapter(tmp_path, tiny_llama_folder):
     argv = [*_lm_argv(tmp_path, tiny_llama_folder), "--max-steps", "4", "--lr", "1e-2"]
     assert main([*argv, "--batch-size", "4", "--output", str(tmp_path / "plain")]) == 0
@@ -264,6 +284,12 @@ def test_grad_accum_and_gradient_checkpointing_give_the_same_adapter(tmp_path, t
         ),
         ("good", ["--data", "{tmp}/good.jsonl", "--r", "4096"], "--r 4096 exceeds in_features=32"),
         (None, ["--selection", "best"], "--selection 'best' is unknown"),
+        (None, ["--target-modules", "q_proj"], "--target-modules ['q_proj'] (exclude_modules"),
+        (
+            None,
+            ["--method", "full", "--target-modules", "query"],
+            "--target-modules ['query'] chooses the layers of method 'paca' or 'lora'",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output(

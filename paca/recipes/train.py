@@ -132,6 +132,11 @@ class TrainConfig:
         logging_steps (int): steps between loss lines.
         selection (str): how PaCA picks its columns (``paca.selection``); ``activation`` and
             ``gradient`` calibrate on ``CALIBRATION_BATCHES`` batches of the training split.
+        target_modules (list[str] | str | None): the layers ``paca`` and ``lora`` adapt, as
+            ``paca.PacaConfig.target_modules`` takes them (name suffixes such as
+            ``["q_proj", "v_proj"]``, a regular expression, or ``"all-linear"``); ``None``: the
+            architecture's default (every attention and MLP projection of a LLaMA-family model).
+            Both methods adapt the same layers.
         save_steps (int): steps between checkpoints (what ``resume`` continues from; for
             ``paca`` they hold the adapter and optimizer state, not the model); 0: a third of
             the run, at least 50.
@@ -175,6 +180,7 @@ class TrainConfig:
     quantize: str | None = None
     save_steps: int = 0
     selection: str = "random"
+    target_modules: list[str] | str | None = None
     eval_examples: int = 128
     eval_split: str = "test"
     eval_before: bool = True
@@ -209,6 +215,17 @@ class TrainConfig:
             raise TrainError(
                 f"selection={self.selection!r} is unknown; choose one of {', '.join(STRATEGIES)}"
             )
+        if self.target_modules is not None:
+            if self.method not in ("paca", "lora"):
+                raise TrainError(
+                    f"target_modules={self.target_modules!r} chooses the layers of method 'paca' "
+                    f"or 'lora'; method={self.method!r} adapts none: drop target_modules"
+                )
+            try:
+                checked = paca.PacaConfig(target_modules=self.target_modules)
+                self.target_modules = checked.target_modules  # a tuple becomes a list
+            except PacaError as e:
+                raise TrainError(str(e).replace("PacaConfig.", "")) from None
         if self.save_steps < 0:
             raise TrainError(f"save_steps={self.save_steps} must be >= 0")
         if self.max_steps < 0 or (self.max_steps == 0 and not self.epochs > 0):
@@ -580,6 +597,7 @@ def apply_method(model, cfg: TrainConfig, device, calibration=None):
             # a sharded weight has no local columns to write: add beside the base layer
             mode="additive" if cfg.fsdp or cfg.deepspeed else "auto",
             selection=cfg.selection,
+            target_modules=cfg.target_modules,
             calibration=calibration if get_strategy(cfg.selection).calibrated else None,
         )
         return model
@@ -587,7 +605,9 @@ def apply_method(model, cfg: TrainConfig, device, calibration=None):
         peft = require("peft", "method='lora'", "dev")
         heads = resolve_trainable(model, None)
         # the same layers PaCA adapts, so the comparison is like for like
-        targets = find_targets(model, paca.PacaConfig(r=cfg.r), heads)
+        targets = find_targets(
+            model, paca.PacaConfig(r=cfg.r, target_modules=cfg.target_modules), heads
+        )
         lora = peft.LoraConfig(
             r=cfg.r,
             lora_alpha=cfg.alpha,
