@@ -20,7 +20,18 @@ import sys
 import textwrap
 from pathlib import Path
 
-from smollm2_study import CACHE, CONFIGS, CONTINUE, DOCS, PACA16, SEEDS, STEP_TIMES, Study, x_frozen
+from smollm2_study import (
+    CACHE,
+    CONFIGS,
+    CONTINUE,
+    DOCS,
+    PACA16,
+    SEEDS,
+    STEP_TIMES,
+    Study,
+    equal_time_steps,
+    x_frozen,
+)
 
 ROOT = DOCS.parent
 TARGETS = {"accuracy": DOCS / "accuracy.md", "readme": ROOT / "README.md"}
@@ -231,7 +242,7 @@ def step_times(res: Results) -> str:
         ]  # fmt: skip
         own = f"{statistics.median(measured):.2f} ({len(measured)})" if measured else "-"
         ratio = x_frozen(c) / x_frozen(budget)
-        steps = round(100 / ratio)
+        steps = equal_time_steps(c, budget, study.steps)
         out.append(f"| {label} | {x_frozen(c):.3f} | {ratio:.3f} | {steps} | {own} |")
     files = ", ".join(f"`docs/results/{f}`" for f in STEP_TIMES.values())
     out.append("")
