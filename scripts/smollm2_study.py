@@ -90,8 +90,15 @@ class Config(NamedTuple):
     # equal wall time: the configuration whose --steps define the budget; this one trains for
     # as many steps as fit in that time (STEP_TIMES), at its own rate (``rates`` names it)
     budget: str | None = None
+    layers: str | None = None  # a part of each block only (LAYERS); None: all seven projections
+    selection: str = "random"  # how PaCA picks its columns (paca.selection)
 
 
+# the parts of a LLaMA block a configuration may adapt alone (``paca train --target-modules``)
+LAYERS = {
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mlp": ["gate_proj", "up_proj", "down_proj"],
+}
 PACA16 = "PaCA r16 (= LoRA r8 params)"
 CONTINUE = "docstring-continue"  # the task with long answers, scored by answer loss
 MICRO = {"accum": 4, "per": "micro-batch"}  # each step's 8 examples as 4 micro-batches of 2
@@ -149,6 +156,36 @@ CONFIGS = [
     # the exact-match task in fp32 at 100 steps, the budget of its equal-time runs (those must
     # run in the precision the step times were measured in; the rate is the one PaCA r16 chose)
     Config("PaCA r16, fp32", "paca", 16, 32, PACA16, precision="fp32"),
+    # where a gap on the loss task sits: each method on the attention projections alone, then
+    # the MLP's alone, at the rate it chose with all seven; PaCA's calibrated column choices
+    # with a sweep of their own (on the exact-match task they chose lower rates than random)
+    *(
+        Config(
+            f"{name}, {part.replace('mlp', 'MLP')} only, loss task",
+            method,
+            r,
+            2 * r,
+            f"{name}, loss task",
+            data=CONTINUE,
+            precision="fp32",
+            layers=part,
+        )
+        for name, method, r in [("PaCA r16", "paca", 16), ("LoRA r8", "lora", 8)]
+        for part in LAYERS
+    ),
+    *(
+        Config(
+            f"PaCA r16, {s} selection, loss task",
+            "paca",
+            16,
+            32,
+            [1.25e-3, 2.5e-3, 5e-3],
+            data=CONTINUE,
+            precision="fp32",
+            selection=s,
+        )
+        for s in ("activation", "gradient")
+    ),
     # equal wall time: each method gets PaCA r16's time for --steps steps on this machine, at
     # the rate it chose for its task; PaCA r16 itself is its equal-step run above
     *(
@@ -302,14 +339,17 @@ def add_run(cache: Path, key: str, metrics: dict) -> dict:
 
 
 def run_key(method, r, alpha, lr, seed, split, drop=0.0, steps=100, data=None, sens=False,
-            accum=1, per="step", variant=None, precision="bf16") -> str:  # fmt: skip
+            accum=1, per="step", variant=None, precision="bf16", layers=None,
+            selection="random") -> str:  # fmt: skip
     """A run's name in the cache: every setting that differs from the study's defaults."""
     key = f"{method}-r{r}-a{alpha}-lr{lr}-s{seed}-steps{steps}-{split}"
     key += (f"-drop{drop}" if drop else "") + ("-sensitivity" if sens else "")
     key += (f"-ga{accum}" if accum > 1 else "") + ("-per-micro" if per != "step" else "")
     key += f"-{variant}" if variant else ""
     key += f"-{data}" if data else ""
-    return key + (f"-{precision}" if precision != "bf16" else "")
+    key += f"-{precision}" if precision != "bf16" else ""
+    key += f"-{layers}-only" if layers else ""
+    return key + (f"-{selection}-selection" if selection != "random" else "")
 
 
 class Study:
@@ -329,7 +369,7 @@ class Study:
             steps = equal_time_steps(c, self.configs[c.budget], self.steps)
         return dict(method=c.method, r=c.r, alpha=c.alpha, drop=c.drop, steps=steps, data=c.data,
                     sens=c.sensitivity, accum=c.accum, per=c.per, variant=c.variant,
-                    precision=c.precision)  # fmt: skip
+                    precision=c.precision, layers=c.layers, selection=c.selection)  # fmt: skip
 
     def train(self, lr, seed, split, **spec) -> dict:
         key = run_key(lr=lr, seed=seed, split=split, **spec)
@@ -352,7 +392,7 @@ class Study:
             + rf"(-(?:{'|'.join(VARIANTS)}))?"
             + (f"-{data}" if data else "")
             + (f"-{precision}" if precision != "bf16" else "")
-            + "$"
+            + r"(-(?:attention|mlp)-only)?(-[a-z-]+-selection)?$"
         )
         scoring["eval_before"] = not any(same_task.search(k) for k in self.runs)
         setting = {"method": method, "r": r, "alpha": spec["alpha"], "lr": lr, "seed": seed}
@@ -362,6 +402,9 @@ class Study:
             setting |= {"batch_size": 8 // spec["accum"], "grad_accum": spec["accum"]}
         if spec["drop"]:
             setting["drop_per"] = spec["per"]
+        if spec["layers"]:
+            setting["target_modules"] = LAYERS[spec["layers"]]
+        setting["selection"] = spec["selection"]
         with dropbp_variant(spec["variant"]):
             metrics = run(
                 TrainConfig(
