@@ -60,7 +60,6 @@ EQUAL = {
         },
     ),
 }
-TRAINABLE = {("paca", 16): "2,488,320", ("paca", 8): "1,244,160", ("lora", 8): "2,442,240"}
 
 
 def prose(lines: list[str]) -> str:
@@ -176,7 +175,8 @@ def loss_task_section(res: Results) -> str:
     for label, name in LOSS.items():
         best, runs = res.finals(name)
         c = res.configs[name]
-        params = TRAINABLE.get((c.method, c.r), "134,515,008")
+        cached = runs or list(study.cached_sweep(c).values())
+        params = f"{cached[0]['trainable_params']:,}" if cached else ""
         if best is None:
             out.append(f"| {label} | {params} | - | sweep still running | pending | |")
             continue
