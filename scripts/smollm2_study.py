@@ -504,8 +504,7 @@ def main() -> None:
             if args.sweep_only:
                 study.chosen(c)
                 continue
-            sweep = study.chosen(c)[0]
-            best = study.chosen(c)[1]
+            sweep, best = study.chosen(c)
             finals = study.finals(c)
             steps = study.spec(c)["steps"]
             row = {"name": c.name, "lr": best, "drop_backward": c.drop, "steps": steps}
