@@ -218,7 +218,37 @@ def loss_task_section(res: Results) -> str:
             "exact-match task): " + " against ".join(before) + " on the same test split."
         )
         out.append(prose([text]))
+        moved = rate_moves(res)
+        if moved:
+            out.append("")
+            out.append(prose([moved]))
     return "\n".join(out)
+
+
+def rate_moves(res: Results) -> str:
+    """How far each method's rate moved from the exact-match task's to this task's own, and
+    what that rate costs on this task's validation split: where the earlier gap came from."""
+    parts = []
+    for label, old_name in LOSS_BEFORE.items():
+        old, _ = res.finals(old_name)
+        new = res.finals(LOSS[label])[0]
+        if old is None or new is None:
+            continue
+        sweep = res.study.cached_sweep(res.configs[LOSS[label]])
+        if old == new:
+            parts.append(f"{label} chose {lr_text(new)} on both tasks")
+        elif old in sweep:
+            at = {lr: sweep[lr]["after"]["validation"]["loss"] for lr in (old, new)}
+            parts.append(
+                f"{label} chose {lr_text(new)} here against {lr_text(old)} on the exact-match "
+                f"task, and its validation loss at {lr_text(old)} is {at[old]:.3f} against "
+                f"{at[new]:.3f} at {lr_text(new)}"
+            )
+        else:
+            parts.append(f"{label} chose {lr_text(new)} here against {lr_text(old)} there")
+    if not parts:
+        return ""
+    return "Where the rates moved: " + "; ".join(parts) + "."
 
 
 def step_times(res: Results) -> str:

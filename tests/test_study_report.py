@@ -85,3 +85,13 @@ def test_a_document_without_its_block_is_refused():
         report.splice("no markers here", "verdict", "text", "README.md")
     text = "a <!-- smollm2-report:x -->old<!-- /smollm2-report:x --> b"
     assert report.splice(text, "x", "new", "f") == text.replace("old", "new")
+
+
+def test_the_rate_moves_name_the_old_and_the_new_rate():
+    """From the committed cache, whose two sweeps are complete: PaCA r16's rate moved between
+    the tasks (with its validation loss at both), LoRA r8's did not."""
+    res = report.Results(study.Study(study.CACHE, dry=True))
+    moved = " ".join(report.rate_moves(res).split())
+    assert "PaCA r16 chose 2.5e-3 here against 1e-2 on the exact-match task" in moved
+    assert "its validation loss at 1e-2 is 3.095 against 3.043 at 2.5e-3" in moved
+    assert "LoRA r8 chose 4e-3 on both tasks" in moved
