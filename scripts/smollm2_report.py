@@ -320,6 +320,23 @@ def outcome(res: Results, ours: str, theirs: str, loss_task: bool) -> tuple | No
     return word, mean, spread(a, 3 if loss_task else 1), spread(b, 3 if loss_task else 1)
 
 
+def loss_size(res: Results, ours: str, theirs: str, mean: float) -> str:
+    """A loss difference in words a reader can weigh: the paired mean, the perplexity ratio it
+    is, and both sides' next-token accuracy (which a small loss difference need not move)."""
+    accuracy = [
+        statistics.mean(
+            100 * r["after"]["test"]["token_accuracy"]
+            for r in res.study.cached_finals(res.configs[name])[1]
+        )
+        for name in (ours, theirs)
+    ]
+    return (
+        f"paired {mean:+.3f} nats, a perplexity {abs(math.expm1(mean)) * 100:.1f}% "
+        f"{'lower' if mean < 0 else 'higher'}; next-token accuracy {accuracy[0]:.1f}% against "
+        f"{accuracy[1]:.1f}%"
+    )
+
+
 def verdict(res: Results) -> tuple[str, str]:
     """The verdict's paragraph for docs/accuracy.md and the README's sentence."""
     short = outcome(res, PACA16, "LoRA r8", False)
@@ -338,7 +355,9 @@ def verdict(res: Results) -> tuple[str, str]:
     if long:
         lines.append(
             f"- Long answers (answer loss, each method at the rate of its own sweep, 100 steps): "
-            f"PaCA r16 {long[2]} against LoRA r8 {long[3]} nats: PaCA is {words[long[0]]} LoRA."
+            f"PaCA r16 {long[2]} against LoRA r8 {long[3]} nats ("
+            + loss_size(res, "PaCA r16, loss task", "LoRA r8, loss task", -long[1])
+            + f"): PaCA is {words[long[0]]} LoRA."
         )
     else:
         lines.append(
@@ -347,9 +366,15 @@ def verdict(res: Results) -> tuple[str, str]:
         )
     for task, result in timed.items():
         if result:
+            budget, methods = EQUAL[task]
+            size = (
+                " (" + loss_size(res, budget, methods["LoRA r8"][0], -result[1]) + ")"
+                if task.startswith("long")
+                else ""
+            )
             lines.append(
                 f"- At equal wall time, {task}: PaCA r16 {result[2]} against LoRA r8 "
-                f"{result[3]}: PaCA is {words[result[0]]} LoRA."
+                f"{result[3]}{size}: PaCA is {words[result[0]]} LoRA."
             )
         else:
             lines.append(f"- At equal wall time, {task}: not run yet.")
