@@ -62,6 +62,14 @@ EQUAL = {
 }
 
 
+# said with every equal-time verdict while the step counts are in question (docs/accuracy.md,
+# "At equal training time"); empty once one measurement made the study's way settles them
+EQUAL_TIME_CAVEAT = (
+    " (provisional: the bench's step-time ratio and the study's own runs disagree on LoRA's"
+    " step; see the section on equal training time)"
+)
+
+
 def prose(lines: list[str]) -> str:
     """Paragraphs and bullets wrapped at 96 columns, as the hand-written text around them."""
     wrapped = []
@@ -374,7 +382,7 @@ def verdict(res: Results) -> tuple[str, str]:
             )
             lines.append(
                 f"- At equal wall time, {task}: PaCA r16 {result[2]} against LoRA r8 "
-                f"{result[3]}{size}: PaCA is {words[result[0]]} LoRA."
+                f"{result[3]}{size}: PaCA is {words[result[0]]} LoRA{EQUAL_TIME_CAVEAT}."
             )
         else:
             lines.append(f"- At equal wall time, {task}: not run yet.")
