@@ -45,15 +45,14 @@ def _run(split, loss, params):
     }
 
 
-def test_a_partial_cache_reports_what_ran_and_marks_the_rest(tmp_path):
-    """A synthetic cache: PaCA r16's and LoRA r8's loss-task sweeps and test seeds done, the
-    others not. The tables show the cached numbers, the chosen rates, paired differences, and
-    'pending' for the rest; the verdict names the result."""
+def _synthetic(tmp_path, lora_best: float):
+    """Results from a cache with PaCA r16's and LoRA r8's loss-task sweeps and test seeds only;
+    ``lora_best``: LoRA's validation loss at its chosen rate (4e-3)."""
     cache = tmp_path / "runs.json"
     s = study.Study(cache, dry=True)
     runs = {}
     loss = {"PaCA r16": {5e-3: 3.10, 1e-2: 3.00, 2e-2: 3.05}, "LoRA r8": {2e-3: 3.2, 4e-3: 3.1}}
-    loss["LoRA r8"][8e-3] = 3.15
+    loss["LoRA r8"] |= {4e-3: lora_best, 8e-3: 3.15}
     tests = {"PaCA r16": [2.90, 2.92, 2.95], "LoRA r8": [2.99, 3.00, 3.02]}
     params = {"PaCA r16": 2488320, "LoRA r8": 2442240}
     for label, sweep in loss.items():
@@ -66,13 +65,22 @@ def test_a_partial_cache_reports_what_ran_and_marks_the_rest(tmp_path):
             key = study.run_key(lr=best, seed=seed, split="test", **spec)
             runs[key] = _run("test", value, params[label])
     cache.write_text(json.dumps(runs))
-    s = study.Study(cache, dry=True)
-    res = report.Results(s)
+    return report.Results(study.Study(cache, dry=True))
+
+
+def test_a_partial_cache_reports_what_ran_and_marks_the_rest(tmp_path):
+    """A synthetic cache: PaCA r16's and LoRA r8's loss-task sweeps and test seeds done, the
+    others not. The tables show the cached numbers, the chosen rates, paired differences, and
+    'pending' for the rest; the verdict names the result."""
+    res = _synthetic(tmp_path, lora_best=3.1)
     section = report.loss_task_section(res)
     assert "| PaCA r16, alpha 32 | 5e-3 3.100 (40.0%), 1e-2 **3.000** (40.0%), 2e-2" in section
     assert "| LoRA r8 | 2,442,240 | 4e-3 | 2.990, 3.000, 3.020 | **3.003 ± 0.015** |" in section
     assert "PaCA r16 against LoRA r8, by seed -0.090, -0.080, -0.070 nats" in section
     assert "| PaCA r8 |  | - | sweep still running | pending | |" in section
+    # seed 0: -0.10 on validation (3.00 - 3.10), -0.09 on test (2.90 - 2.99): a 0.01 floor
+    assert report.loss_resolution(res) == pytest.approx(0.01)
+    assert "differ by -0.100 nats on validation and -0.090 on test" in " ".join(section.split())
     doc, readme = report.verdict(res)
     doc = " ".join(doc.split())  # as read, not as wrapped
     assert (
@@ -98,3 +106,13 @@ def test_the_rate_moves_name_the_old_and_the_new_rate():
     assert "PaCA r16 chose 2.5e-3 here against 1e-2 on the exact-match task" in moved
     assert "its validation loss at 1e-2 is 3.095 against 3.043 at 2.5e-3" in moved
     assert "LoRA r8 chose 4e-3 on both tasks" in moved
+
+
+def test_a_loss_edge_within_what_the_split_resolves_is_level(tmp_path):
+    """The same test seeds as above, but LoRA's seed-0 model scores 2.95 on validation: the
+    pair's difference moves from +0.05 to -0.09 between the splits, beyond the mean edge of
+    0.08, so the verdict calls it level."""
+    res = _synthetic(tmp_path, lora_best=2.95)
+    assert report.loss_resolution(res) == pytest.approx(0.14)
+    doc = " ".join(report.verdict(res)[0].split())
+    assert "): PaCA is level with LoRA." in doc
