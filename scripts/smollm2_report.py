@@ -13,6 +13,7 @@ writes from the committed cache, so the figures are never typed.
 """
 
 import argparse
+import json
 import math
 import re
 import statistics
@@ -26,12 +27,13 @@ from smollm2_study import (
     CONTINUE,
     DOCS,
     PACA16,
+    RESULTS,
     SEEDS,
     STEP_TIMES,
     Study,
     equal_time_steps,
     run_key,
-    x_frozen,
+    step_seconds,
 )
 
 ROOT = DOCS.parent
@@ -61,14 +63,6 @@ EQUAL = {
         },
     ),
 }
-
-
-# said with every equal-time verdict while the step counts are in question (docs/accuracy.md,
-# "At equal training time"); empty once one measurement made the study's way settles them
-EQUAL_TIME_CAVEAT = (
-    " (provisional: the bench's step-time ratio and the study's own runs disagree on LoRA's"
-    " step; see the section on equal training time)"
-)
 
 
 def prose(lines: list[str]) -> str:
@@ -272,31 +266,40 @@ def rate_moves(res: Results) -> str:
 
 
 def step_times(res: Results) -> str:
-    """The bench ratios each equal-time budget is converted with, and the study's own step
-    times for comparison."""
+    """The measured step times each equal-time budget is converted with (the study's way, each
+    method in a process of its own), the bench way's ratio beside them, and the seconds per step
+    the study's own runs recorded."""
     study = res.study
-    out = []
-    out.append(
-        "| method | step time x frozen (bench) | x PaCA r16 (bench) | steps in PaCA r16's "
-        "time for 100 | seconds per step in the study's fp32 runs (median, runs) |"
-    )
-    out.append("|---|---|---|---|---|")
-    budget = res.configs["PaCA r16, loss task"]
+    measured = json.loads((RESULTS / STEP_TIMES).read_text())
+    short = EQUAL["short answers (exact match)"][1]
+    out = [
+        "| method | loss task: s/step | x PaCA r16 | steps in PaCA r16's time for 100 "
+        "| exact-match task: s/step | x PaCA r16 | steps | bench way: x PaCA r16 "
+        "| the study's own fp32 runs: s/step (median, runs) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for label, name in LOSS.items():
+        cells = [label]
+        for budget_name, c_name in [
+            ("PaCA r16, loss task", name),
+            ("PaCA r16, fp32", short.get(label, ("PaCA r16, fp32",))[0]),
+        ]:
+            c, budget = res.configs[c_name], res.configs[budget_name]
+            seconds = step_seconds(c)
+            steps = equal_time_steps(c, budget, study.steps)
+            cells += [f"{seconds:.2f}", f"{seconds / step_seconds(budget):.3f}", str(steps)]
+        cells.append(f"{measured['bench'][label]['x_paca_r16']:.3f}")
         c = res.configs[name]
-        measured = [
+        own = [
             run["train"]["seconds_per_step"]
             for key, run in study.runs.items()
             if key.startswith(f"{c.method}-r{c.r}-") and key.endswith("-fp32")
             and "train" in run and run["train"].get("seconds_per_step")
         ]  # fmt: skip
-        own = f"{statistics.median(measured):.2f} ({len(measured)})" if measured else "-"
-        ratio = x_frozen(c) / x_frozen(budget)
-        steps = equal_time_steps(c, budget, study.steps)
-        out.append(f"| {label} | {x_frozen(c):.3f} | {ratio:.3f} | {steps} | {own} |")
-    files = ", ".join(f"`docs/results/{f}`" for f in STEP_TIMES.values())
+        cells.append(f"{statistics.median(own):.2f} ({len(own)})" if own else "-")
+        out.append("| " + " | ".join(cells) + " |")
     out.append("")
-    out.append(prose([f"(Bench files: {files}.)"]))
+    out.append(prose([f"(Measured: `docs/results/{STEP_TIMES}`, {measured['processes']}.)"]))
     return "\n".join(out)
 
 
@@ -422,7 +425,7 @@ def verdict(res: Results) -> tuple[str, str]:
             )
             lines.append(
                 f"- At equal wall time, {task}: PaCA r16 {result[2]} against LoRA r8 "
-                f"{result[3]}{size}: PaCA is {words[result[0]]} LoRA{EQUAL_TIME_CAVEAT}."
+                f"{result[3]}{size}: PaCA is {words[result[0]]} LoRA."
             )
         else:
             lines.append(f"- At equal wall time, {task}: not run yet.")

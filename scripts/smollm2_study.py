@@ -26,8 +26,9 @@ projections, the same step budget; the zero-shot base is every run's "before".
 7. The loss task fairly (``..., loss task``): each method's rate swept on that task's own
    validation split, scored by answer loss, in fp32; then 3 seeds on test at the chosen rate.
 8. Equal wall time (``..., equal time``): LoRA r8, PaCA r8 and full fine-tuning train for as
-   many steps as fit in PaCA r16's time for 100 (``paca bench``'s step-time ratios, STEP_TIMES),
-   on both tasks, in fp32, at the rate each chose for the task.
+   many steps as fit in PaCA r16's time for 100 (step times measured the study's way on each
+   task, every method interleaved in one process: STEP_TIMES), on both tasks, in fp32, at the
+   rate each chose for the task.
 
 ``scripts/smollm2_report.py`` writes the verdict and the sections of docs/accuracy.md on 7 and
 8 (and the README's sentence on them) from the cache.
@@ -210,17 +211,15 @@ CONFIGS = [
         ]
     ),
 ]
-# step time of each method relative to frozen SmolLM2-135M-Instruct on this machine, fp32, from
-# `paca bench` (every method interleaved round by round in one process, medians); PaCA r16 and
-# LoRA r8 at the study's shapes: run
-#   paca bench --model smollm2 --batch 8 --seq 96 --r 8 --methods frozen,paca,lora,full \
-#       --output /tmp/b8 && paca bench --model smollm2 --batch 8 --seq 96 --r 16 \
-#       --methods frozen,paca --output /tmp/b16
-# and keep the two bench.json files as below (each ratio is to its own run's frozen step)
-STEP_TIMES = {
-    "r8": "bench_smollm2_study_r8.json",
-    "r16": "bench_smollm2_study_r16.json",
-}
+# each method's step time on this machine, fp32, measured the study's way on each task (its own
+# padded batches, the Trainer's fused AdamW) with every method interleaved round by round in one
+# process, medians: `python scripts/study_step_times.py --rounds 9 --output <this file>`.
+# (Until 2026-12-04 the ratios came from two `paca bench` runs of an earlier session,
+# bench_smollm2_study_r8.json and _r16.json, which put LoRA r8 1.376x PaCA r16 where the
+# study's steps measure about 1.1x: docs/accuracy.md, "At equal training time".)
+STEP_TIMES = "study_step_times.json"
+STEP_NAMES = {("paca", 16): "PaCA r16", ("paca", 8): "PaCA r8", ("lora", 8): "LoRA r8"}
+STEP_NAMES[("full", 8)] = "full fine-tuning"
 SEEDS = [0, 1, 2]
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 RESULTS = DOCS / "results"  # raw results; the documents stay in docs/
@@ -303,15 +302,18 @@ def _at_input(args, kwargs, fn):
 
 def equal_time_steps(config: Config, budget: Config, steps: int) -> int:
     """The steps ``config`` trains in the time ``budget`` takes for ``steps`` steps."""
-    return max(1, round(steps * x_frozen(budget) / x_frozen(config)))
+    return max(1, round(steps * step_seconds(budget) / step_seconds(config)))
 
 
-def x_frozen(c: Config) -> float:
-    """A configuration's step time over the frozen model's, from the bench files (STEP_TIMES)."""
-    file = RESULTS / STEP_TIMES[f"r{c.r}" if c.method == "paca" else "r8"]
+def step_seconds(c: Config) -> float:
+    """A configuration's median step time on its task, measured the study's way (STEP_TIMES)."""
+    file = RESULTS / STEP_TIMES
     if not file.exists():
-        raise SystemExit(f"{file} is missing: measure the step times first ({__file__})")
-    return json.loads(file.read_text())["methods"][c.method]["x_frozen"]
+        raise SystemExit(f"{file} is missing: measure the step times first (study_step_times.py)")
+    way = "loss task" if c.data == CONTINUE else "exact-match task"
+    if c.data not in (None, CONTINUE) or (c.method, c.r) not in STEP_NAMES or c.layers:
+        raise SystemExit(f"{c.name}: no step time is measured for it ({file})")
+    return json.loads(file.read_text())[way][STEP_NAMES[(c.method, c.r)]]["median_s"]
 
 
 class Budget(Exception):

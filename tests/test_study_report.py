@@ -116,3 +116,21 @@ def test_a_loss_edge_within_what_the_split_resolves_is_level(tmp_path):
     assert report.loss_resolution(res) == pytest.approx(0.14)
     doc = " ".join(report.verdict(res)[0].split())
     assert "): PaCA is level with LoRA." in doc
+
+
+def test_equal_time_steps_come_from_each_tasks_own_step_times(tmp_path, monkeypatch):
+    """The budget converts through the measured step times of the configuration's own task (the
+    loss task's or the exact-match task's), and a configuration nobody timed is refused."""
+    times = {
+        "loss task": {"PaCA r16": {"median_s": 2.0}, "LoRA r8": {"median_s": 2.5}},
+        "exact-match task": {"PaCA r16": {"median_s": 2.0}, "LoRA r8": {"median_s": 2.2}},
+    }
+    (tmp_path / study.STEP_TIMES).write_text(json.dumps(times))
+    monkeypatch.setattr(study, "RESULTS", tmp_path)
+    configs = {c.name: c for c in study.CONFIGS}
+    loss = configs["LoRA r8, equal time, loss task"]
+    assert study.equal_time_steps(loss, configs[loss.budget], 100) == 80
+    short = configs["LoRA r8, equal time"]
+    assert study.equal_time_steps(short, configs[short.budget], 100) == 91
+    with pytest.raises(SystemExit, match="no step time"):
+        study.step_seconds(configs["PaCA r16, attention only, loss task"])
