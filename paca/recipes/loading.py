@@ -42,6 +42,7 @@ def load_model(name_or_path: str, adapter: str | None = None, dtype=None):
     If the adapter folder carries a ``config.json`` (``paca train`` writes one), that config
     decides the head class and its labels, so the adapter's trained head fits.
     """
+    import torch
     import transformers
 
     extra = dtype_argument(dtype) if dtype is not None else {}
@@ -57,6 +58,15 @@ def load_model(name_or_path: str, adapter: str | None = None, dtype=None):
         # model; its config must not make transformers expect a pre-quantized checkpoint
         if getattr(config, "quantization_config", None) is not None:
             del config.quantization_config
+        if dtype is None:
+            # the base checkpoint's dtype, not the one the adapter was trained in: a bf16 run's
+            # config says bfloat16, and a merge onto an fp32 base must stay fp32
+            stored = transformers.AutoConfig.from_pretrained(name_or_path)
+            stored = getattr(stored, "dtype", None) or getattr(stored, "torch_dtype", None)
+            if isinstance(stored, str):
+                stored = getattr(torch, stored, None)
+            if isinstance(stored, torch.dtype):
+                extra = dtype_argument(stored)
         model_class = load_model_class(adapter)
         return model_class.from_pretrained(name_or_path, config=config, **extra)
     return load_model_class(name_or_path).from_pretrained(name_or_path, **extra)
