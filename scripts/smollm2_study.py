@@ -27,7 +27,7 @@ projections, the same step budget; the zero-shot base is every run's "before".
    validation split, scored by answer loss, in fp32; then 3 seeds on test at the chosen rate.
 8. Equal wall time (``..., equal time``): LoRA r8, PaCA r8 and full fine-tuning train for as
    many steps as fit in PaCA r16's time for 100 (step times measured the study's way on each
-   task, every method interleaved in one process: STEP_TIMES), on both tasks, in fp32, at the
+   task, each method alone in a process of its own: STEP_TIMES), on both tasks, in fp32, at the
    rate each chose for the task.
 
 ``scripts/smollm2_report.py`` writes the verdict and the sections of docs/accuracy.md on 7 and
@@ -212,8 +212,9 @@ CONFIGS = [
     ),
 ]
 # each method's step time on this machine, fp32, measured the study's way on each task (its own
-# padded batches, the Trainer's fused AdamW) with every method interleaved round by round in one
-# process, medians: `python scripts/study_step_times.py --rounds 9 --output <this file>`.
+# padded batches, the Trainer's fused AdamW), each method alone in a process of its own, the
+# methods in turn, medians: `python scripts/study_step_times.py --rounds 3 --steps 3 --output
+# docs/results/study_step_times.json`.
 # (Until 2026-12-04 the ratios came from two `paca bench` runs of an earlier session,
 # bench_smollm2_study_r8.json and _r16.json, which put LoRA r8 1.376x PaCA r16 where the
 # study's steps measure about 1.1x: docs/accuracy.md, "At equal training time".)

@@ -58,36 +58,38 @@ def load_model(name_or_path: str, adapter: str | None = None, dtype=None):
         # model; its config must not make transformers expect a pre-quantized checkpoint
         if getattr(config, "quantization_config", None) is not None:
             del config.quantization_config
-        if dtype is None:
+        stored = stored_dtype(name_or_path)
+        if dtype is None and isinstance(getattr(torch, stored or "", None), torch.dtype):
             # the base checkpoint's dtype, not the one the adapter was trained in: a bf16 run's
             # config says bfloat16, and a merge onto an fp32 base must stay fp32
-            stored = transformers.AutoConfig.from_pretrained(name_or_path)
-            stored = getattr(stored, "dtype", None) or getattr(stored, "torch_dtype", None)
-            if isinstance(stored, str):
-                stored = getattr(torch, stored, None)
-            if isinstance(stored, torch.dtype):
-                extra = dtype_argument(stored)
+            extra = dtype_argument(getattr(torch, stored))
         model_class = load_model_class(adapter)
         return model_class.from_pretrained(name_or_path, config=config, **extra)
     return load_model_class(name_or_path).from_pretrained(name_or_path, **extra)
+
+
+def stored_dtype(name_or_path: str) -> str | None:
+    """The dtype a local model folder's config.json stores its weights in (``"bfloat16"``...);
+    ``None`` for a hub id or a folder without a readable config."""
+    import json
+
+    try:
+        config = json.loads((Path(name_or_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("dtype") or config.get("torch_dtype")
 
 
 def runnable_dtype(name_or_path: str, device) -> torch.dtype | None:
     """``float32`` for a bf16 or fp16 checkpoint on a device that does not compute that dtype
     natively (a CPU without AVX512-BF16 or AMX emulates bf16: 125x slower than fp32 there,
     docs/benchmarks.md); ``None`` (keep the checkpoint's dtype) otherwise."""
-    import json
-
     import torch
 
     from paca import backends
 
-    try:
-        config = json.loads((Path(name_or_path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None  # a hub id, or no readable config: let transformers decide
-    stored = config.get("dtype") or config.get("torch_dtype")
-    if stored not in ("bfloat16", "float16"):
+    # a hub id, or no readable config (None): let transformers decide
+    if stored_dtype(name_or_path) not in ("bfloat16", "float16"):
         return None
     native, _ = backends.bf16_support(torch.device(device))
     return None if native else torch.float32
