@@ -3,6 +3,7 @@ bf16 base: fp32 runs give the numbers they gave before precision existed, bf16 t
 with fp32 trained tensors, auto follows the device's probe, a diverging run writes nothing."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -51,14 +52,41 @@ FP32_BEFORE_PRECISION = {
 }
 
 
-def test_fp32_gives_the_numbers_of_before(tmp_path, tiny_llama_folder, texts):
-    metrics = _run(tiny_llama_folder, texts, tmp_path / "fp32", "--precision", "fp32")
-    assert metrics["precision"] == {"setting": "fp32", "used": "fp32", "why": "as asked"}
+def _assert_fp32_numbers(metrics):
     # rtol: another CPU's BLAS may sum in another order
     import transformers
 
     pinned = FP32_BEFORE_PRECISION[int(transformers.__version__.split(".")[0])]
     torch.testing.assert_close(_numbers(metrics), pinned, rtol=1e-5, atol=0)
+
+
+def test_fp32_gives_the_numbers_of_before(tmp_path, tiny_llama_folder, texts):
+    metrics = _run(tiny_llama_folder, texts, tmp_path / "fp32", "--precision", "fp32")
+    assert metrics["precision"] == {"setting": "fp32", "used": "fp32", "why": "as asked"}
+    _assert_fp32_numbers(metrics)
+
+
+def test_a_bf16_run_leaves_the_process_as_it_found_it(
+    tmp_path, tiny_llama_folder, texts, monkeypatch
+):
+    """transformers 4.x's TrainingArguments(bf16=True) leaves ACCELERATE_MIXED_PRECISION=bf16 in
+    the environment and every later Trainer of the process reads it as its default: a bf16 run,
+    then an fp32 one, in one process (a notebook, a sweep), trained the second under bf16."""
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    _run(tiny_llama_folder, texts, tmp_path / "bf16", "--precision", "bf16")
+    assert "ACCELERATE_MIXED_PRECISION" not in os.environ
+    _assert_fp32_numbers(_run(tiny_llama_folder, texts, tmp_path / "fp32", "--precision", "fp32"))
+
+
+def test_precision_decides_over_a_launchers_mixed_precision(
+    tmp_path, tiny_llama_folder, texts, monkeypatch, capsys
+):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch --mixed_precision
+    metrics = _run(tiny_llama_folder, texts, tmp_path / "fp32", "--precision", "fp32")
+    _assert_fp32_numbers(metrics)
+    said = capsys.readouterr().out
+    assert "ACCELERATE_MIXED_PRECISION=bf16 in the environment is not used" in said
+    assert os.environ["ACCELERATE_MIXED_PRECISION"] == "bf16"
 
 
 def test_fp32_computes_in_fp32_whatever_the_checkpoint_dtype(tmp_path, tiny_llama_folder, texts):

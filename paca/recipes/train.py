@@ -9,6 +9,7 @@ after. ``task="classification"`` runs all-MiniLM-L6-v2 as a classifier on the sa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -736,6 +737,28 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
     return ("bf16" if native else "fp32"), f"auto: {why}"
 
 
+MIXED_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
+ACCELERATE_NAMES = {"fp32": "no", "bf16": "bf16"}  # paca's precision -> accelerate's name
+
+
+@contextlib.contextmanager
+def accelerate_precision(precision: str):
+    """The run's own precision in ``ACCELERATE_MIXED_PRECISION`` while it trains, and the
+    variable as it was afterwards. transformers 4.x's TrainingArguments writes the variable
+    (``bf16=True`` leaves ``bf16`` behind) and reads it back as the default of every later
+    Trainer in the process: without this, a bf16 run followed by an fp32 one in the same
+    Python process (a notebook, a sweep) trained the second under bf16 autocast."""
+    before = os.environ.get(MIXED_PRECISION_ENV)
+    os.environ[MIXED_PRECISION_ENV] = ACCELERATE_NAMES[precision]
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(MIXED_PRECISION_ENV, None)
+        else:
+            os.environ[MIXED_PRECISION_ENV] = before
+
+
 def _trained_in_fp32(model) -> None:
     """Every trainable tensor in fp32 (a head or LoRA matrices made in a bf16 model's dtype):
     the optimizer's updates are then never rounded to bf16."""
@@ -784,6 +807,10 @@ def run(cfg: TrainConfig) -> dict:
         _require_fields(split_items, fields, str(data_path))
     transformers.set_seed(cfg.seed)
     precision, why = resolve_precision(cfg.precision, device)
+    launched = os.environ.get(MIXED_PRECISION_ENV, "").strip().lower()
+    if launched and launched != ACCELERATE_NAMES[precision]:
+        # accelerate launch --mixed_precision, or an earlier Trainer of this process
+        why += f"; {MIXED_PRECISION_ENV}={launched} in the environment is not used"
     procs.say(f"precision {precision} ({why})")
     per_step = cfg.batch_size * cfg.grad_accum * procs.world
     procs.say(
@@ -855,9 +882,10 @@ def run(cfg: TrainConfig) -> dict:
     procs.barrier()
     completed = diverged = False
     try:
-        metrics = _train(
-            model, tokenizer, datasets, collator, cfg, device, partial, labels, precision, procs
-        )
+        with accelerate_precision(precision):
+            metrics = _train(
+                model, tokenizer, datasets, collator, cfg, device, partial, labels, precision, procs
+            )
         metrics["precision"] = {"setting": cfg.precision, "used": precision, "why": why}
         metrics["trainable_params"] = trainable
         metrics["quantized_base_layers"] = quantized  # adapted layers (PaCA or LoRA) over one
