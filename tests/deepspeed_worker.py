@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_llama  # noqa: E402
-from distributed_worker import GLOBAL_BATCH, batches  # noqa: E402
+from distributed_worker import GLOBAL_BATCH, batches, leave  # noqa: E402
 
 import paca  # noqa: E402
 
@@ -58,6 +58,7 @@ def main() -> None:
     if rank == 0:
         torch.save({"deltas": deltas, "logits": logits}, args.out)
     torch.distributed.barrier()
+    leave()  # the same teardown race as distributed_worker's
 
 
 if __name__ == "__main__":
