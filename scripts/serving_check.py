@@ -2,7 +2,7 @@
 environment that has its engine (vLLM and llama.cpp each live in a virtual environment of
 their own, without paca), so only the reference mode imports paca.
 
-    # paca's greedy answers (token ids) to held-out prompts of the default task
+    # paca's greedy answers (token ids) to held-out prompts of the default task, in fp32
     python scripts/serving_check.py reference --adapter RUN/adapter --n 64 --out ref.json
     # the same prompts, as token ids, answered by an engine; prints and writes the agreement
     python scripts/serving_check.py vllm --ref ref.json --base FOLDER --lora LORA_FOLDER
@@ -12,6 +12,13 @@ Prompts go in as token ids (no engine-side chat template or tokenizer in between
 tokens, greedy; an answer is its tokens up to the first end-of-sequence. "identical" counts
 answers with the same tokens as paca's; "exact match" scores the decoded answer against the
 task's reference answer, as `paca train` does.
+
+Both sides compute in one precision, named in every result: paca's answers come from the base
+loaded in fp32 (``--precision fp32``, the default), as vLLM (``--dtype float32``) and llama.cpp
+(an F32 GGUF; Q8_0/Q4_1 files are compared with a bar of their own) run the exports. Left to
+itself, ``paca.recipes.generate.load`` keeps the bf16 SmolLM2 checkpoint in bf16 on a CPU with
+native bf16 (AVX512-BF16, AMX), where greedy near-ties then flip against an fp32 engine: 61/64
+there, against 64/64 held to one precision.
 """
 
 from __future__ import annotations
@@ -23,10 +30,21 @@ import time
 from pathlib import Path
 
 NEW_TOKENS = 8
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def _cut(ids: list[int], eos: int) -> list[int]:
     return ids[: ids.index(eos)] if eos in ids else ids
+
+
+def reference_model(adapter: str, base: str | None, precision: str):
+    """``(model, tokenizer)``: the base with the adapter, computing in ``precision`` whatever
+    the CPU (never ``runnable_dtype``'s choice, which depends on it)."""
+    import torch
+
+    from paca.recipes import generate
+
+    return generate.load(adapter, base, dtype=getattr(torch, PRECISIONS[precision]))
 
 
 def reference(args) -> dict:
@@ -36,7 +54,9 @@ def reference(args) -> dict:
 
     test = [r for r in train.read_rows(train.DEFAULT_DATA) if r.get("split") == "test"]
     rows = train.chat_rows(test)[: args.n]
-    model, tokenizer = generate.load(args.adapter, args.base)
+    model, tokenizer = reference_model(args.adapter, args.base, args.precision)
+    dtype = next(model.parameters()).dtype
+    assert dtype == getattr(torch, PRECISIONS[args.precision]), dtype
     prompts, answers, texts = [], [], []
     with torch.no_grad():
         for row in rows:
@@ -53,6 +73,7 @@ def reference(args) -> dict:
             answers.append(new)
             texts.append(tokenizer.decode(new, skip_special_tokens=True))
     return {
+        "precision": str(dtype).removeprefix("torch."),
         "eos": tokenizer.eos_token_id,
         "prompts": prompts,
         "answers": answers,
@@ -73,6 +94,7 @@ def _agreement(ref: dict, answers: list[list[int]], texts: list[str], engine: st
     n = len(ref["answers"])
     return {
         "engine": engine,
+        "paca_precision": ref.get("precision"),
         "prompts": n,
         "identical": same,
         "exact_match": hits / n,
@@ -94,7 +116,7 @@ def vllm(args, ref: dict) -> dict:
         model=args.base,
         enable_lora=True,
         max_lora_rank=args.max_lora_rank,
-        dtype="float32",
+        dtype=args.dtype,
         enforce_eager=True,
         max_model_len=2048,
         # on CPUs this is the share of host memory vLLM reserves (its KV cache): 0.92 by
@@ -110,7 +132,11 @@ def vllm(args, ref: dict) -> dict:
     answers = [_cut(list(o.outputs[0].token_ids), ref["eos"]) for o in outs]
     texts = [o.outputs[0].text for o in outs]
     result = _agreement(ref, answers, texts, "vllm")
-    return result | {"load_seconds": round(loaded, 1), "answer_seconds": round(seconds, 1)}
+    return result | {
+        "precision": args.dtype,
+        "load_seconds": round(loaded, 1),
+        "answer_seconds": round(seconds, 1),
+    }
 
 
 def llama(args, ref: dict) -> dict:
@@ -150,12 +176,19 @@ def main() -> int:
     p.add_argument("--adapter", required=True)
     p.add_argument("--base", default=None)
     p.add_argument("--n", type=int, default=64)
+    p.add_argument(
+        "--precision",
+        choices=sorted(PRECISIONS),
+        default="fp32",
+        help="what paca computes in (the engines' precision: fp32)",
+    )
     p.add_argument("--out", required=True)
     p = sub.add_parser("vllm")
     p.add_argument("--ref", required=True)
     p.add_argument("--base", required=True)
     p.add_argument("--lora", required=True)
     p.add_argument("--max-lora-rank", type=int, default=8)
+    p.add_argument("--dtype", choices=sorted(PRECISIONS.values()), default="float32")
     p.add_argument("--memory", type=float, default=0.2, help="vLLM's gpu_memory_utilization")
     p.add_argument("--out", default=None)
     p = sub.add_parser("llama")
@@ -168,7 +201,10 @@ def main() -> int:
         result = reference(args)
         Path(args.out).write_text(json.dumps(result) + "\n")
         hits = _hits(result["texts"], result["expected"])
-        print(f"paca: {len(result['answers'])} answers, exact match {hits}/{len(result['texts'])}")
+        print(
+            f"paca ({result['precision']}): {len(result['answers'])} answers, "
+            f"exact match {hits}/{len(result['texts'])}"
+        )
         return 0
     ref = json.loads(Path(args.ref).read_text())
     result = vllm(args, ref) if args.mode == "vllm" else llama(args, ref)

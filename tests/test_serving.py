@@ -7,6 +7,11 @@ builds, and the module takes about 8 minutes on 2 cores. Each test skips when it
 environment is missing. One short run of the default task (SmolLM2-135M-Instruct, 20 steps) is
 trained once for all of them; ``scripts/serving_check.py`` computes paca's greedy answers to 64
 held-out prompts and each engine's, as token ids.
+
+One precision on both sides: paca's answers come from the adapter on the base loaded in fp32,
+as vLLM (dtype float32) and llama.cpp (an F32 GGUF) run the exports, whatever precision
+``--precision auto`` trained in on this CPU (bf16 where it has AVX512-BF16, fp32 elsewhere).
+A reference left to pick its own dtype ran bf16 on such a CPU and flipped 3 near-ties of 64.
 """
 
 import json
@@ -63,9 +68,10 @@ def run(tmp_path_factory):
     adapter = folder / "run" / "adapter"
     subprocess.run(
         [sys.executable, CHECK, "reference", "--adapter", adapter, "--n", str(PROMPTS),
-         "--out", folder / "ref.json"],
+         "--precision", "fp32", "--out", folder / "ref.json"],
         check=True,
     )  # fmt: skip
+    assert json.loads((folder / "ref.json").read_text())["precision"] == "float32"
     printed = _paca("export", "--adapter", str(adapter), "--output", str(folder / "lora"))
     for kind in ("f32", "q8_0"):
         out = folder / f"merged-{kind}.gguf"
@@ -81,6 +87,7 @@ def _check(python: Path, *args) -> dict:
     subprocess.run([python, CHECK, *map(str, args), "--out", out], check=True)
     result = json.loads(out.read_text())
     print(json.dumps({k: v for k, v in result.items() if k != "differing"}))
+    assert result["paca_precision"] == "float32", result  # the engines run fp32
     return result
 
 
@@ -95,6 +102,7 @@ def test_vllm_serves_the_lora_export_as_paca_answers(run):
     ref = run["folder"] / "ref.json"
     base = re.search(r"vllm serve (\S+)", run["export_stdout"]).group(1)
     result = _check(python, "vllm", "--ref", ref, "--base", base, "--lora", run["folder"] / "lora")
+    assert result["precision"] == "float32"
     assert result["identical"] == PROMPTS, result["differing"]
 
 

@@ -40,9 +40,15 @@ def base_model_of(adapter: str | Path) -> str:
     return str(smollm2.model_folder())
 
 
-def load(adapter: str | Path, model: str | None = None, device: str = "cpu"):
+def load(adapter: str | Path, model: str | None = None, device: str = "cpu", dtype=None):
     """``(model, tokenizer)``: the base model (``model``, else ``base_model_of(adapter)``) with
     the adapter loaded, in eval mode.
+
+    Args:
+        dtype (torch.dtype | None): the dtype the base model computes in; ``None`` picks one by
+            device (``runnable_dtype``: a bf16 checkpoint stays bf16 where the device computes
+            bf16 natively, fp32 elsewhere). Pass ``torch.float32`` to compare with an engine
+            that runs the export in fp32: which precision ``None`` gives depends on the CPU.
 
     Raises:
         PacaError: no such adapter folder, or the adapter does not fit the model.
@@ -52,7 +58,9 @@ def load(adapter: str | Path, model: str | None = None, device: str = "cpu"):
     if not Path(adapter).is_dir():
         raise PacaError(f"adapter={adapter}: no such folder")
     name = model or base_model_of(adapter)
-    base = load_model(name, str(adapter), dtype=runnable_dtype(name, device))
+    if dtype is None:
+        dtype = runnable_dtype(name, device)
+    base = load_model(name, str(adapter), dtype=dtype)
     paca.load_adapter(base, adapter, device=device)
     return base.eval(), transformers.AutoTokenizer.from_pretrained(name)
 
