@@ -62,7 +62,7 @@ def study_batches(data: str, seq: int, batch: int, seed: int) -> list[dict]:
         examples,
         batch_size=batch,
         shuffle=True,
-        collate_fn=train._CausalCollator(tokenizer.pad_token_id),
+        collate_fn=train.CausalCollator(tokenizer.pad_token_id),
         generator=torch.Generator().manual_seed(seed),
     )
     keep = ("input_ids", "attention_mask", "labels")

