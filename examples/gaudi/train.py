@@ -4,12 +4,14 @@
 
 ``--trainer plain`` (default): transformers' Trainer on hpu, eager mode (Intel's default
 path). ``--trainer gaudi``: Optimum-Habana's GaudiTrainer (``--lazy`` for lazy mode). Both
-write adapter-only checkpoints. ``--tiny --cpu`` runs the same script on a tiny model built
-from a config, on the CPU (how it is checked without a Gaudi).
+write adapter-only checkpoints. ``--cpu`` turns any of these commands into a CPU dry run (the
+same trainer, Optimum-Habana's own loop included, in fp32 and eager); ``--tiny`` swaps the
+model and data for a tiny LLaMA built from a config and random tokens (no download).
 """
 
 import argparse
 import json
+import sys
 
 import torch
 import transformers
@@ -53,7 +55,7 @@ def main() -> None:
     p.add_argument("--model", help="hub id or local folder (not with --tiny)")
     p.add_argument("--data", help="JSONL with a text field (not with --tiny)")
     p.add_argument("--tiny", action="store_true", help="a tiny LLaMA from a config, random data")
-    p.add_argument("--cpu", action="store_true", help="run on the CPU (checks the script)")
+    p.add_argument("--cpu", action="store_true", help="a CPU dry run of the same command")
     p.add_argument("--trainer", choices=["plain", "gaudi"], default="plain")
     p.add_argument("--lazy", action="store_true", help="GaudiTrainer in lazy mode (legacy)")
     p.add_argument("--r", type=int, default=16)
@@ -64,6 +66,35 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--output", default="paca-gaudi-out")
     args = p.parse_args()
+    if args.cpu and args.lazy:
+        print("--cpu: lazy mode exists only on a Gaudi; the dry run is eager", file=sys.stderr)
+
+    common = dict(
+        output_dir=args.output,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, args.max_steps // 20),
+        logging_steps=10,
+        save_steps=max(1, args.max_steps // 4),
+        bf16=not args.cpu,
+        dataloader_drop_last=True,  # one batch shape: one graph
+        report_to=[],
+    )
+    if args.cpu:
+        common["use_cpu"] = True
+    if args.trainer == "plain":
+        training_args = transformers.TrainingArguments(**common)
+    else:
+        # before the model, as Optimum-Habana's own scripts do: on a Gaudi, building these
+        # arguments runs adapt_transformers_to_gaudi, which must precede building the model (its
+        # modeling classes, and the GenerationConfig whose fields GaudiTrainer reads); with
+        # --cpu they select the CPU and GaudiTrainer runs as a dry run
+        _, _, gaudi_arguments = gaudi.optimum_habana()
+        training_args = gaudi_arguments(
+            use_habana=not args.cpu, use_lazy_mode=args.lazy and not args.cpu, **common
+        )
 
     if args.tiny:
         config = transformers.LlamaConfig(
@@ -85,31 +116,9 @@ def main() -> None:
 
     # adapt where the model is (the Trainer moves it to hpu); imports nothing from Gaudi yet
     model = gaudi.enable(model, r=args.r, alpha=args.alpha)
-    common = dict(
-        output_dir=args.output,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, args.max_steps // 20),
-        logging_steps=10,
-        save_steps=max(1, args.max_steps // 4),
-        bf16=not args.cpu,
-        dataloader_drop_last=True,  # one batch shape: one graph
-        report_to=[],
-    )
-    if args.cpu:
-        common["use_cpu"] = True
     if args.trainer == "plain":
-        trainer = gaudi.hpu_trainer(
-            model, transformers.TrainingArguments(**common), train_dataset=data
-        )
+        trainer = gaudi.hpu_trainer(model, training_args, train_dataset=data)
     else:
-        from optimum.habana import GaudiTrainingArguments
-
-        training_args = GaudiTrainingArguments(
-            use_habana=not args.cpu, use_lazy_mode=args.lazy, **common
-        )
         trainer = gaudi.gaudi_trainer(model, training_args, train_dataset=data)
     trainer.train()
     trainer.save_model(f"{args.output}/adapter")

@@ -21,9 +21,16 @@ write lands in the same graph as the step, before the ``mark_step`` the trainer 
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.util
 import os
 import sys
+import warnings
+from collections.abc import Iterator
+from types import ModuleType
 
+import transformers
 from torch import nn
 
 from paca import backends
@@ -83,20 +90,148 @@ def hpu_trainer(model: nn.Module, args, **trainer_kwargs) -> Trainer:
     return Trainer(model=model, args=args, **trainer_kwargs)
 
 
-def _optimum_habana():
+# --- Optimum-Habana off Gaudi: the CPU dry run --------------------------------------------------
+#
+# Optimum-Habana 1.21.2's own training loop runs on a CPU (GaudiTrainingArguments(use_cpu=True,
+# use_habana=False, use_lazy_mode=False)), which makes a Gaudi script checkable on any machine.
+# Three things in it assume a Gaudi although none of them is Gaudi hardware; paca gets past them
+# here, and only here:
+#
+# 1. ``import optimum.habana`` runs ``check_synapse_version`` in the package ``__init__``, which
+#    parses ``pip list | grep habana-torch-plugin`` and raises IndexError when the plugin is
+#    absent (upstream issue 1467). Off Gaudi (``habana_frameworks`` not installed), the package's
+#    own ``__init__`` is run with that one check replaced by a warning (``_import_off_gaudi``).
+#    Process-wide, as any import is; on a machine with ``habana_frameworks`` the plain import
+#    runs, check included.
+# 2. ``GaudiTrainer.log`` is transformers' ``Trainer.log`` plus ``get_hpu_memory_stats``, which
+#    imports ``habana_frameworks``; the dry-run trainer logs with transformers' own ``log``.
+# 3. For LLaMA-family models its training and evaluation loops read four Gaudi-only fields of
+#    ``model.generation_config`` (``GAUDI_GENERATION_FIELDS``), which exist only once
+#    ``adapt_transformers_to_gaudi`` (run by ``GaudiTrainingArguments`` on a Gaudi) replaced
+#    transformers' GenerationConfig; the dry-run trainer sets the missing ones to False (off)
+#    for the duration of each loop and removes them afterwards.
+#
+# 2 and 3 live in ``_CpuDryRun``, a mixin that only the trainer built with ``use_habana=False``
+# has: a Gaudi run's trainer class does not contain it. No ``habana_frameworks`` module or
+# package metadata is faked; what the dry run cannot check is listed in docs/distributed.md.
+
+GAUDI_GENERATION_FIELDS = (
+    "attn_softmax_bf16",
+    "use_flash_attention",
+    "flash_attention_recompute",
+    "flash_attention_causal_mask",
+)
+
+
+def _on_gaudi_software() -> bool:
+    """Whether Intel's Gaudi software (``habana_frameworks``) is installed; imports nothing."""
+    return importlib.util.find_spec("habana_frameworks") is not None
+
+
+def _synapse_check_skipped() -> None:
+    warnings.warn(
+        "optimum-habana's SynapseAI version check was skipped: habana_frameworks is not "
+        "installed, so this is not a Gaudi machine; GaudiTrainer can only run as a CPU dry run "
+        "here (GaudiTrainingArguments(use_cpu=True, use_habana=False, use_lazy_mode=False))",
+        stacklevel=2,
+    )
+
+
+def _import_off_gaudi() -> ModuleType:
+    """``optimum.habana``, its ``__init__`` run with ``check_synapse_version`` replaced.
+
+    The package module is made from its real spec and put in ``sys.modules`` before its
+    ``__init__`` runs (what the import system itself does), so ``optimum.habana.utils`` can be
+    imported first and its ``check_synapse_version`` replaced while the ``__init__`` runs.
+    """
+    spec = importlib.util.find_spec("optimum.habana")
+    if spec is None:
+        raise ModuleNotFoundError("No module named 'optimum.habana'", name="optimum.habana")
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = package
     try:
+        utils = importlib.import_module("optimum.habana.utils")
+        check = getattr(utils, "check_synapse_version", None)
+        if check is not None:
+            utils.check_synapse_version = _synapse_check_skipped
+        try:
+            spec.loader.exec_module(package)
+        finally:
+            if check is not None:
+                utils.check_synapse_version = check
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
+    # what the import system does after loading: the submodules (some were imported before this
+    # package object existed, by an earlier failed import) and the package as attributes
+    for name, module in list(sys.modules.items()):
+        parent, _, child = name.rpartition(".")
+        if parent == spec.name and module is not None and not hasattr(package, child):
+            setattr(package, child, module)
+    sys.modules["optimum"].habana = package
+    return package
+
+
+def optimum_habana() -> tuple[type, type, type]:
+    """Optimum-Habana's own ``(GaudiConfig, GaudiTrainer, GaudiTrainingArguments)``.
+
+    On a Gaudi machine this is ``from optimum.habana import ...``. Off Gaudi, where that import
+    fails in Optimum-Habana's SynapseAI version check, the package is imported with that check
+    skipped (a warning says so), so a Gaudi script can build its arguments and run
+    ``gaudi_trainer`` as a CPU dry run. Imports nothing before it is called.
+
+    Raises:
+        MissingDependency: optimum-habana is not installed, or fails to import.
+    """
+    try:
+        if "optimum.habana" not in sys.modules and not _on_gaudi_software():
+            _import_off_gaudi()
         from optimum.habana import GaudiConfig, GaudiTrainer, GaudiTrainingArguments
-    except (ImportError, IndexError) as exc:  # IndexError: its version check without Gaudi
+    except (ImportError, IndexError) as exc:  # IndexError: its version check, on Gaudi too
         raise MissingDependency(
             "optimum-habana",
             "GaudiTrainer",
             "hpu",
-            detail="optimum-habana 1.21.2 on a Gaudi machine with Intel's software 1.24 (pip "
-            "install 'paca[hpu]' inside docker/gaudi.Dockerfile); it cannot be imported here "
+            detail="optimum-habana 1.21.2 at the pins of docker/gaudi-pins.txt (pip install -c "
+            "docker/gaudi-pins.txt 'paca[hpu]'); it cannot be imported here "
             f"({type(exc).__name__}: {exc}). Without it, use hpu_trainer (the plain Trainer in "
             "eager mode)",
         ) from exc
     return GaudiConfig, GaudiTrainer, GaudiTrainingArguments
+
+
+class _CpuDryRun:
+    """Mixin for a ``GaudiTrainer`` built with ``use_habana=False`` (points 2 and 3 above)."""
+
+    def log(self, logs: dict[str, float], start_time: float | None = None, *args, **kwargs):
+        # transformers' log is GaudiTrainer's without get_hpu_memory_stats (no HPU to ask);
+        # end_time, which only GaudiTrainer's log takes, is dropped: transformers' log times the
+        # speed metrics itself
+        return transformers.Trainer.log(self, logs, start_time)
+
+    @contextlib.contextmanager
+    def _gaudi_generation_fields(self) -> Iterator[None]:
+        config = getattr(self.model, "generation_config", None)
+        if config is None:
+            yield
+            return
+        missing = [field for field in GAUDI_GENERATION_FIELDS if not hasattr(config, field)]
+        for field in missing:
+            setattr(config, field, False)
+        try:
+            yield
+        finally:
+            for field in missing:
+                if field in vars(config):
+                    delattr(config, field)
+
+    def _inner_training_loop(self, *args, **kwargs):
+        with self._gaudi_generation_fields():
+            return super()._inner_training_loop(*args, **kwargs)
+
+    def evaluation_loop(self, *args, **kwargs):
+        with self._gaudi_generation_fields():
+            return super().evaluation_loop(*args, **kwargs)
 
 
 def gaudi_trainer(
@@ -110,35 +245,67 @@ def gaudi_trainer(
 ):
     """Optimum-Habana's ``GaudiTrainer`` with paca's adapter-only checkpoints.
 
+    On a Gaudi, ``args.use_habana=True`` trains on the HPU. Off Gaudi,
+    ``GaudiTrainingArguments(use_cpu=True, use_habana=False, use_lazy_mode=False)`` runs
+    Optimum-Habana's own training loop on the CPU: a dry run of a Gaudi script (a warning says
+    so; see the notes above ``optimum_habana`` for what paca works around, and only then).
+
     Args:
         model: a model adapted with ``enable`` (or ``paca.enable``).
         args: ``GaudiTrainingArguments``; default: built from ``output_dir`` with
             ``use_habana=True`` and ``use_lazy_mode=lazy``.
         gaudi_config: a ``GaudiConfig``; default: fused AdamW and fused gradient clipping
-            (Habana's kernels), autocast as ``args.bf16`` says.
+            (Habana's kernels, used only with ``use_habana``), autocast as ``args.bf16`` says.
+            Saved in every checkpoint.
         lazy (bool): lazy mode (legacy); default eager. Must agree with ``PT_HPU_LAZY_MODE``.
         trainer_kwargs: the rest of ``GaudiTrainer``'s arguments (datasets, collator, ...).
+
+    Raises:
+        MissingDependency: optimum-habana cannot be imported.
+        PacaError: ``use_habana`` without Gaudi software, or lazy mode without ``use_habana``.
+        RuntimeError: ``PT_HPU_LAZY_MODE`` disagrees with the mode asked for (Gaudi runs).
     """
-    gaudi_config_cls, gaudi_trainer_cls, arguments_cls = _optimum_habana()
-    if args is None:
-        if output_dir is None:
-            raise PacaError("gaudi_trainer needs args= (GaudiTrainingArguments) or output_dir=")
-        args = arguments_cls(output_dir=output_dir, use_habana=True, use_lazy_mode=lazy)
-    if not getattr(args, "use_habana", False):
+    gaudi_config_cls, gaudi_trainer_cls, arguments_cls = optimum_habana()
+    if args is None and output_dir is None:
+        raise PacaError("gaudi_trainer needs args= (GaudiTrainingArguments) or output_dir=")
+    use_habana = args is None or bool(getattr(args, "use_habana", False))
+    if use_habana and not _on_gaudi_software():
         raise PacaError(
-            "args.use_habana is False: GaudiTrainer would train on the CPU; pass "
-            "GaudiTrainingArguments(use_habana=True, ...)"
+            f"{'args.use_habana=True' if args is not None else 'args=None (use_habana=True)'} "
+            "but habana_frameworks is not installed (no Gaudi software here): run inside "
+            "docker/gaudi.Dockerfile on a Gaudi machine, or pass GaudiTrainingArguments("
+            "use_cpu=True, use_habana=False, use_lazy_mode=False) for a CPU dry run"
         )
-    check_execution_mode(lazy=bool(args.use_lazy_mode))
+    if args is None:
+        args = arguments_cls(output_dir=output_dir, use_habana=True, use_lazy_mode=lazy)
+    bases: tuple[type, ...] = (AdapterCheckpoints, gaudi_trainer_cls)
+    if use_habana:
+        check_execution_mode(lazy=bool(args.use_lazy_mode))
+    else:
+        if args.use_lazy_mode:
+            raise PacaError(
+                "args.use_lazy_mode=True with use_habana=False: lazy mode exists only on a "
+                "Gaudi; pass use_lazy_mode=False for a CPU dry run"
+            )
+        warnings.warn(
+            "GaudiTrainer runs with use_habana=False: Optimum-Habana's training loop on "
+            f"{args.device.type}, a dry run of the Gaudi script; nothing runs on a Gaudi "
+            "(lazy mode, HPU graphs, Habana's fused optimizer and autocast are not exercised)",
+            stacklevel=2,
+        )
+        bases = (AdapterCheckpoints, _CpuDryRun, gaudi_trainer_cls)
     if gaudi_config is None:
         gaudi_config = gaudi_config_cls(
             use_fused_adam=True, use_fused_clip_norm=True, use_torch_autocast=bool(args.bf16)
         )
 
-    class PacaGaudiTrainer(AdapterCheckpoints, gaudi_trainer_cls):
-        """GaudiTrainer whose checkpoints hold the PaCA adapter and the Gaudi config."""
+    def save_extras(self, output_dir: str) -> None:
+        self.gaudi_config.save_pretrained(output_dir)
 
-        def _save_extras(self, output_dir: str) -> None:
-            self.gaudi_config.save_pretrained(output_dir)
-
-    return PacaGaudiTrainer(model=model, gaudi_config=gaudi_config, args=args, **trainer_kwargs)
+    trainer_cls = type(
+        "PacaGaudiTrainer",
+        bases,
+        {"__doc__": "GaudiTrainer whose checkpoints hold the PaCA adapter and the Gaudi config.",
+         "__module__": __name__, "_save_extras": save_extras},
+    )  # fmt: skip
+    return trainer_cls(model=model, gaudi_config=gaudi_config, args=args, **trainer_kwargs)
