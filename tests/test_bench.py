@@ -26,9 +26,9 @@ def test_minor_faults_count_fresh_memory():
 
 def test_quick_run_has_every_method_and_the_schema(quick_report):
     report, out = quick_report
-    assert list(report["methods"]) == list(bench.METHODS)
+    assert list(report["methods"]) == list(bench.DEFAULT_METHODS)
     keys = {
-        "step_ms", "x_frozen", "x_lora", "saved_bytes", "saved_x_frozen", "saved_x_lora",
+        "step_ms", "x_frozen", "x_lora", "x_peft_paca", "saved_bytes", "saved_x_frozen", "saved_x_lora",
         "aten_ops", "aten_view_ops", "extra_ops", "trainable_params", "memory", "page_faults",
     }  # fmt: skip
     for row in report["methods"].values():
@@ -36,7 +36,10 @@ def test_quick_run_has_every_method_and_the_schema(quick_report):
         assert row["step_ms"] > 0 and row["aten_ops"] > 0
         if sys.platform == "linux":
             assert row["page_faults"] >= 0
-    assert set(report["machine"]) >= {"torch", "device", "cpu_count"}
+    assert set(report["machine"]) >= {"torch", "device", "cpu_count", "cpu", "bf16_native"}
+    native, why = report["machine"]["bf16_native"]
+    assert isinstance(native, bool) and why
+    assert "CPU: " in (out / "bench.md").read_text()
     assert set(report["bar"]) and all(
         {"value", "limit", "met"} <= set(c) for c in report["bar"].values()
     )
@@ -220,3 +223,14 @@ def test_bf16_bench_trains_each_method_with_fp32_trained_tensors(monkeypatch, tm
     fp32_cfg = bench.BenchConfig.quick(methods=["paca"], output=str(tmp_path / "fp32"))
     fp32 = bench.run(fp32_cfg, progress=False)["methods"]["paca"]
     assert rows["paca"]["saved_bytes"] < 0.8 * fp32["saved_bytes"]
+
+
+def test_peft_paca_is_asked_for_by_name_and_skipped_where_peft_lacks_it():
+    peft = pytest.importorskip("peft")
+    assert "peft-paca" in bench.METHODS and "peft-paca" not in bench.DEFAULT_METHODS
+    methods, skipped = bench.available_methods(bench.BenchConfig(methods=["frozen", "peft-paca"]))
+    if hasattr(peft, "PacaConfig"):
+        assert methods == ["frozen", "peft-paca"]
+    else:
+        assert methods == ["frozen"]
+        assert f"peft {peft.__version__} has no PaCA" in skipped["peft-paca"]

@@ -45,9 +45,13 @@ METHODS = (
     "paca-dropbp",
     "lora-dropbp",
     "frozen-aa",
+    "peft-paca",
 )
 # "frozen-aa" is a second copy of the frozen model: its "x frozen" is the noise of the ratios on
-# this machine (an A/A comparison), measured in the same rounds as everything else
+# this machine (an A/A comparison), measured in the same rounds as everything else. "peft-paca"
+# is PEFT's own PaCA (peft >= 0.22, or its unreleased branch built by hand): the peer a PEFT
+# user reaches for first; asked for by name, since released peft up to 0.21 lacks it
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "peft-paca")
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 OPTIMIZERS = ("single", "foreach", "fused")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # short name -> torch's name
@@ -84,7 +88,8 @@ class BenchConfig:
             optimizer state in fp32, under bf16 autocast (full fine-tuning: fp32 weights under
             bf16 autocast).
         device (str): ``cpu``, ``cuda``, ``hpu`` or ``auto``.
-        methods (list[str]): a subset of ``METHODS``; ``dora`` is skipped if peft lacks it;
+        methods (list[str]): a subset of ``METHODS`` (default ``DEFAULT_METHODS``); ``dora`` and
+            ``peft-paca`` are skipped if peft lacks them;
             ``frozen-aa`` (a second frozen copy) shows the noise of the ratios.
         rounds (int): timed rounds (each method one step per round).
         warmup (int): untimed rounds first.
@@ -111,7 +116,7 @@ class BenchConfig:
     alpha: float = 16.0
     dtype: str = "float32"
     device: str = "cpu"
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     rounds: int = 5
     warmup: int = 1
     peak_memory: bool = True
@@ -237,6 +242,12 @@ def prepare(method: str, base: nn.Module, cfg: BenchConfig, device: torch.device
             use_dora=method == "dora",
         )
         model = get_peft_model(model, lora)
+    elif method == "peft-paca":
+        from peft import PacaConfig, get_peft_model
+
+        model = get_peft_model(
+            model, PacaConfig(r=cfg.r, paca_alpha=cfg.alpha, target_modules=targets)
+        )
     elif method == "full":
         model.float().requires_grad_(True)  # fp32 master weights; bf16 compute under autocast
     if method.endswith("-dropbp"):
@@ -480,6 +491,15 @@ def available_methods(cfg: BenchConfig) -> tuple[list[str], dict[str, str]]:
             if method == "dora" and "use_dora" not in LoraConfig.__dataclass_fields__:
                 skipped[method] = f"peft {peft.__version__} has no DoRA"
                 continue
+        if method == "peft-paca":
+            try:
+                import peft
+            except ImportError:
+                skipped[method] = "peft is not installed (pip install paca[dev])"
+                continue
+            if not hasattr(peft, "PacaConfig"):
+                skipped[method] = f"peft {peft.__version__} has no PaCA (peft >= 0.22 has)"
+                continue
         methods.append(method)
     return methods, skipped
 
@@ -495,6 +515,22 @@ def _minor_faults() -> int | None:
     except ImportError:  # Windows
         return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _cpu_name() -> str:
+    """The CPU's model name and its bf16 features (``/proc/cpuinfo`` on Linux)."""
+    import platform
+
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+    found = set(flags.group(1).split()) if flags else set()
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    have = ", ".join(f for f in wanted if f in found) or "none of " + ", ".join(wanted)
+    return f"{name.group(1).strip() if name else platform.machine()} ({have})"
 
 
 def _median_ratio(times: dict[str, list[float]], method: str, reference: str) -> float | None:
@@ -541,6 +577,7 @@ def run(cfg: BenchConfig | None = None, progress: bool = True) -> dict:
             "step_ms": 1e3 * statistics.median(times[method]),
             "x_frozen": _median_ratio(times, method, "frozen"),
             "x_lora": _median_ratio(times, method, "lora"),
+            "x_peft_paca": _median_ratio(times, method, "peft-paca"),
             "saved_bytes": saved_bytes(model, optimizer, embeds, labels),
             "page_faults": statistics.median(faults[method]) if faults[method] else None,
             "aten_ops": counter.ops,
@@ -563,6 +600,10 @@ def run(cfg: BenchConfig | None = None, progress: bool = True) -> dict:
             "device": str(device),
             "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(),
+            "cpu": _cpu_name(),
+            # whether this device computes bf16 natively, and why: a bf16 figure means little
+            # without it (an AVX2-only CPU emulates bf16 GEMMs)
+            "bf16_native": backends.bf16_support(device),
             "python": sys.version.split()[0],
         },
         "methods": results,
@@ -615,10 +656,11 @@ def _fmt(value, pattern: str) -> str:
 def table(report: dict) -> str:
     """The results as a Markdown table."""
     header = (
-        "| method | step ms | x frozen | x LoRA | saved MiB | saved x frozen | saved x LoRA "
-        "| ATen ops/step | extra ops | trainable params | memory used MiB | page faults/step |"
+        "| method | step ms | x frozen | x LoRA | x PEFT PaCA | saved MiB | saved x frozen "
+        "| saved x LoRA | ATen ops/step | extra ops | trainable params | memory used MiB "
+        "| page faults/step |"
     )
-    lines = [header, "|" + "---|" * 12]
+    lines = [header, "|" + "---|" * 13]
     for method, row in report["methods"].items():
         memory = row.get("memory") or {}
         if "used" in memory:
@@ -627,7 +669,8 @@ def table(report: dict) -> str:
             used = memory.get("error", "not measured")
         lines.append(
             f"| {method} | {row['step_ms']:.1f} | {_fmt(row['x_frozen'], '.3f')} | "
-            f"{_fmt(row['x_lora'], '.3f')} | {row['saved_bytes'] / 2**20:.1f} | "
+            f"{_fmt(row['x_lora'], '.3f')} | {_fmt(row.get('x_peft_paca'), '.3f')} | "
+            f"{row['saved_bytes'] / 2**20:.1f} | "
             f"{_fmt(row['saved_x_frozen'], '.3f')} | {_fmt(row['saved_x_lora'], '.3f')} | "
             f"{row['aten_ops']} | {_fmt(row['extra_ops'], 'd')} | {row['trainable_params']:,} | "
             f"{used} | {_fmt(row.get('page_faults'), '.0f')} |"
@@ -649,6 +692,8 @@ def write_report(report: dict, output: Path, plot: bool = False) -> None:
         f"seq {cfg['seq']}, batch {cfg['batch']}, r {cfg['r']}, {base}, "
         f"AdamW {cfg.get('optim', 'single')}{', compiled' if cfg.get('compile') else ''} "
         f"on {report['machine']['device']}",
+        "",
+        f"CPU: {report['machine'].get('cpu', 'not recorded')}; torch {report['machine']['torch']}",
         "",
         table(report),
         "",
