@@ -64,7 +64,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--device", default=defaults.device)
     p.add_argument(
         "--methods",
-        default=",".join(bench.METHODS),
+        default=",".join(bench.DEFAULT_METHODS),
         help=f"comma-separated subset of {','.join(bench.METHODS)}",
     )
     p.add_argument(

@@ -28,8 +28,9 @@ def test_quick_run_has_every_method_and_the_schema(quick_report):
     report, out = quick_report
     assert list(report["methods"]) == list(bench.DEFAULT_METHODS)
     keys = {
-        "step_ms", "x_frozen", "x_lora", "x_peft_paca", "saved_bytes", "saved_x_frozen", "saved_x_lora",
-        "aten_ops", "aten_view_ops", "extra_ops", "trainable_params", "memory", "page_faults",
+        "step_ms", "x_frozen", "x_lora", "x_peft_paca", "saved_bytes", "saved_x_frozen",
+        "saved_x_lora", "aten_ops", "aten_view_ops", "extra_ops", "trainable_params", "memory",
+        "page_faults",
     }  # fmt: skip
     for row in report["methods"].values():
         assert set(row) == keys
