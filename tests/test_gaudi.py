@@ -23,7 +23,7 @@ import types
 import pytest
 import torch
 import transformers
-from conftest import tiny_llama
+from conftest import Tokens, tiny_llama
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import paca
@@ -129,15 +129,6 @@ def stand_ins(monkeypatch):
         del sys.modules[name]
 
 
-class _Tokens(torch.utils.data.Dataset):
-    def __len__(self):
-        return 12
-
-    def __getitem__(self, i):
-        ids = torch.randint(0, 96, (12,), generator=torch.Generator().manual_seed(i))
-        return {"input_ids": ids, "labels": ids}
-
-
 def test_importing_the_integration_imports_no_gaudi_package():
     code = (
         "import sys, paca, paca.integrations.gaudi\n"
@@ -225,7 +216,7 @@ def test_gaudi_trainer_lazy_mode_marks_steps_around_paca_and_never_syncs(
         disable_tqdm=True,
     )
     try:
-        trainer = gaudi.gaudi_trainer(model, args, train_dataset=_Tokens())
+        trainer = gaudi.gaudi_trainer(model, args, train_dataset=Tokens(12))
         trainer.train()
     finally:
         handle.remove()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import tiny_llama
+from conftest import Tokens, tiny_llama, trainer_settings
 
 import paca
 from paca.integrations import gaudi
@@ -51,38 +51,10 @@ def classes():
     os.environ.update(environ)
 
 
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=24, seq=12, seed=3):
-        self.ids = torch.randint(0, 96, (n, seq), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def _settings(out, **overrides):
     # GaudiTrainingArguments' defaults differ from TrainingArguments' (adam_epsilon 1e-6 vs
     # 1e-8; optim): both are set, so the two trainers get the same arguments
-    settings = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        max_steps=6,
-        lr_scheduler_type="linear",
-        adam_epsilon=1e-6,
-        optim="adamw_torch",
-        save_strategy="no",
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        seed=7,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    settings.update(overrides)
-    return settings
+    return trainer_settings(out, **{"adam_epsilon": 1e-6, "optim": "adamw_torch", **overrides})
 
 
 def _dry_run_args(arguments_cls, out, **overrides):
@@ -147,16 +119,16 @@ def test_dry_run_trains_as_the_plain_trainer(classes, tmp_path):
     plain = paca.Trainer(
         model=plain_model,
         args=transformers.TrainingArguments(**_settings(tmp_path / "plain", **settings)),
-        train_dataset=_Tokens(),
-        eval_dataset=_Tokens(8, seed=4),
+        train_dataset=Tokens(),
+        eval_dataset=Tokens(8, seed=4),
     )
     plain.train()
     with pytest.warns(UserWarning, match="dry run of the Gaudi script"):
         trainer = gaudi.gaudi_trainer(
             gaudi_model,
             _dry_run_args(arguments_cls, tmp_path / "gaudi", **settings),
-            train_dataset=_Tokens(),
-            eval_dataset=_Tokens(8, seed=4),
+            train_dataset=Tokens(),
+            eval_dataset=Tokens(8, seed=4),
         )
     assert isinstance(trainer, trainer_cls) and isinstance(trainer.gaudi_config, config_cls)
     trainer.train()
@@ -178,7 +150,7 @@ def test_dry_run_checkpoints_hold_adapter_and_gaudi_config_and_resume_exactly(cl
     save = dict(save_strategy="steps", save_steps=3)
     full = _model()
     gaudi.gaudi_trainer(
-        full, _dry_run_args(arguments_cls, tmp_path / "full", **save), train_dataset=_Tokens()
+        full, _dry_run_args(arguments_cls, tmp_path / "full", **save), train_dataset=Tokens()
     ).train()
 
     class _StopAt3(transformers.TrainerCallback):
@@ -190,7 +162,7 @@ def test_dry_run_checkpoints_hold_adapter_and_gaudi_config_and_resume_exactly(cl
     first = gaudi.gaudi_trainer(
         _model(),
         _dry_run_args(arguments_cls, out, **save),
-        train_dataset=_Tokens(),
+        train_dataset=Tokens(),
         callbacks=[_StopAt3()],
     )
     first.train()
@@ -205,7 +177,7 @@ def test_dry_run_checkpoints_hold_adapter_and_gaudi_config_and_resume_exactly(cl
 
     resumed_model = _model()
     resumed = gaudi.gaudi_trainer(
-        resumed_model, _dry_run_args(arguments_cls, out, **save), train_dataset=_Tokens()
+        resumed_model, _dry_run_args(arguments_cls, out, **save), train_dataset=Tokens()
     )
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 6
@@ -225,7 +197,7 @@ def test_gaudi_paths_refuse_off_gaudi(classes, tmp_path):
         output_dir=str(tmp_path), use_habana=True, use_lazy_mode=False, use_cpu=True, report_to=[]
     )
     with pytest.raises(ValueError, match="habana_frameworks is not installed.*CPU dry run"):
-        gaudi.gaudi_trainer(_model(), on_hpu, train_dataset=_Tokens())
+        gaudi.gaudi_trainer(_model(), on_hpu, train_dataset=Tokens())
     with pytest.raises(ValueError, match="habana_frameworks is not installed"):
         gaudi.gaudi_trainer(_model(), output_dir=str(tmp_path))  # default args: use_habana
     # lazy mode without use_habana: Optimum-Habana's own arguments refuse it; set afterwards,
@@ -235,7 +207,7 @@ def test_gaudi_paths_refuse_off_gaudi(classes, tmp_path):
     args = _dry_run_args(arguments_cls, tmp_path)
     args.use_lazy_mode = True
     with pytest.raises(ValueError, match="use_lazy_mode=True with use_habana=False"):
-        gaudi.gaudi_trainer(_model(), args, train_dataset=_Tokens())
+        gaudi.gaudi_trainer(_model(), args, train_dataset=Tokens())
 
 
 def test_gaudi_example_runs_as_a_cpu_dry_run(tmp_path):

@@ -4,41 +4,14 @@ accumulation and checkpointing equivalence (fp32, to 1e-6)."""
 import pytest
 import torch
 import transformers
-from conftest import tiny_llama
+from conftest import Tokens, tiny_llama, trainer_settings
 
 import paca
 from paca.integrations.hf import OTHER_TRAINABLE
 
 
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=24, seq=12):
-        generator = torch.Generator().manual_seed(3)
-        self.ids = torch.randint(0, 96, (n, seq), generator=generator)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def _args(out, **overrides):
-    settings = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        max_steps=6,
-        lr_scheduler_type="linear",
-        save_strategy="no",
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        seed=7,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    settings.update(overrides)
-    return transformers.TrainingArguments(**settings)
+    return transformers.TrainingArguments(**trainer_settings(out, **overrides))
 
 
 def _model(mode="merged"):
@@ -69,7 +42,7 @@ class _StopAt(transformers.TrainerCallback):
 def _train(args, model=None, resume=None, stop_at=None):
     model = model if model is not None else _model()
     callbacks = [_StopAt(stop_at)] if stop_at else None
-    trainer = paca.Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=callbacks)
+    trainer = paca.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     return model, trainer
 
@@ -104,7 +77,7 @@ def test_save_model_writes_an_adapter_that_loads_onto_a_fresh_model(tmp_path):
     model, trainer = _train(_args(tmp_path))
     trainer.save_model(str(tmp_path / "final"))
     fresh = paca.load_adapter(tiny_llama(), tmp_path / "final")
-    ids = _Tokens()[0]["input_ids"][None]
+    ids = Tokens()[0]["input_ids"][None]
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, model.eval()(ids).logits)
 

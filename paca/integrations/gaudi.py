@@ -8,6 +8,10 @@ Two paths, both on Intel's Gaudi software 1.24 images (``docker/gaudi.Dockerfile
 * Optimum-Habana's ``GaudiTrainer`` (final release 1.21.2, transformers 4.55.x), lazy or eager:
   ``gaudi_trainer``. Optimum-Habana reached end of life; use it where a recipe needs it.
 
+Without a Gaudi, ``gaudi_trainer`` with ``GaudiTrainingArguments(use_cpu=True, use_habana=False,
+use_lazy_mode=False)`` runs Optimum-Habana's own training loop on the CPU: a dry run of a Gaudi
+script (``optimum_habana()`` gives its classes; the notes above it say what paca works around).
+
 Order matters on Gaudi: ``GaudiConfig`` refuses to declare its autocast op lists once
 ``habana_frameworks.torch.core`` is imported, and that module is imported by anything that
 touches an HPU. So ``enable`` adapts the model without touching the device (the HPU kernels are
