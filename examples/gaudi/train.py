@@ -114,7 +114,7 @@ def main() -> None:
         )
         data = TextFile(args.data, tokenizer, args.seq_len)
 
-    # adapt where the model is (the Trainer moves it to hpu); imports nothing from Gaudi yet
+    # adapt where the model is (the Trainer moves it to hpu); touches no device itself
     model = gaudi.enable(model, r=args.r, alpha=args.alpha)
     if args.trainer == "plain":
         trainer = gaudi.hpu_trainer(model, training_args, train_dataset=data)
