@@ -49,23 +49,27 @@ def write_columns(layers: list[PacaLinear]) -> None:
     """Merged mode: writes ``W0[:, idx] + scaling * delta`` of each layer's active adapter into
     its weight, all layers in one batch (the optimizer step hook and ``paca.sync_weights``).
 
-    One ``torch._foreach_add`` per scaling computes every layer's columns, then one write per
-    layer, under one ``no_grad``: less Python per layer than a loop of ``sync_weight`` calls
-    (`paca bench --preset overhead`, where the step's per-layer costs show).
+    One ``torch._foreach_add`` per scaling computes the columns of every layer whose weight
+    has the delta's dtype (one ``torch.add`` into the weight's dtype for a bf16 or fp16
+    weight), then one write per layer, under one ``no_grad``: less Python per layer than a loop
+    of ``sync_weight`` calls (`paca bench --preset overhead`, where per-layer costs show).
     """
     written = [(layer, layer.active) for layer in layers if layer._written()]
     groups: dict[float, list[int]] = {}
-    for i, (_, adapter) in enumerate(written):
-        groups.setdefault(adapter.scaling, []).append(i)
     cols: list[torch.Tensor | None] = [None] * len(written)
     with torch.no_grad():
+        for i, (_, adapter) in enumerate(written):
+            base, delta = adapter.base_cols, adapter.delta
+            if base.dtype == delta.dtype:
+                groups.setdefault(adapter.scaling, []).append(i)
+            else:
+                # A bf16/fp16 weight: one kernel computes base + scaling * delta in fp32 (the
+                # promoted dtype) and rounds it once into the weight's dtype, where a cast of
+                # base_cols up and of the sum down cost two more per layer and step
+                cols[i] = torch.add(base, delta, alpha=adapter.scaling, out=torch.empty_like(base))
         for scaling, members in groups.items():
             deltas = [written[i][1].delta for i in members]
             bases = [written[i][1].base_cols for i in members]
-            bases = [
-                b if b.dtype == d.dtype else b.to(d.dtype)
-                for b, d in zip(bases, deltas, strict=True)
-            ]
             for i, c in zip(members, torch._foreach_add(bases, deltas, alpha=scaling), strict=True):
                 cols[i] = c  # (out, r): base + scaling * delta, one rounding as torch.add
         for (layer, adapter), c in zip(written, cols, strict=True):

@@ -119,6 +119,41 @@ def test_backend_kernels_on_cpu_tensors(backend, dtype):
             _check(kernel, name, args, dtype)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "emulated-bf16"])
+def test_cpu_partial_grad_in_bf16_on_either_kind_of_cpu(monkeypatch, native):
+    """Where the CPU computes bf16 natively, the bf16 gradient goes into the GEMM as it is (no
+    fp32 copy of the (tokens, out) gradient); elsewhere it is cast to fp32 first. Both within
+    bf16's precision of the float64 product, in fp32. The probe is forced, so both paths run on
+    any CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    cpu = backends.load("cpu")
+    monkeypatch.setattr(cpu, "_native_bf16", lambda: native)
+    generator = torch.Generator().manual_seed(0)
+    g = torch.randn(2, 64, 48, generator=generator).to(torch.bfloat16)  # (batch, tokens, out)
+    x_idx = torch.randn(2, 64, 8, generator=generator).to(torch.bfloat16)
+    casts = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if (
+                isinstance(out, torch.Tensor)
+                and out.dtype == torch.float32
+                and out.numel() >= g.numel()
+            ):
+                casts.append(func)
+            return out
+
+    with Watch():
+        got = cpu.partial_grad(g, x_idx, 0.5)
+    assert got.dtype == torch.float32 and got.shape == (48, 8) and got.is_contiguous()
+    assert bool(casts) is not native, casts  # an fp32 copy of the gradient only when emulated
+    torch.testing.assert_close(
+        got, _expected("partial_grad", (g, x_idx, 0.5)), rtol=2e-2, atol=2e-2
+    )
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_registers_the_kernels_it_claims(backend):
     module = backends.load(backend)

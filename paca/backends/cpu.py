@@ -1,5 +1,7 @@
 """CPU kernels. Ops not listed here run their reference kernel from ``paca/ops.py``."""
 
+import functools
+
 import torch
 
 from paca.ops import grad_dtype
@@ -26,17 +28,30 @@ def bf16_support(device) -> tuple[bool, str]:
     return False, "this CPU has neither AVX512-BF16 nor AMX, so bf16 would be emulated and slow"
 
 
+@functools.cache
+def _native_bf16() -> bool:
+    return bf16_support(None)[0]
+
+
 def partial_grad(grad_out, x_idx, scaling):
-    # CPU GEMMs in bf16/fp16 are not faster than fp32 for this tall-skinny product
-    # (out x tokens x r), so accumulate and return in fp32 directly. (x2d.T @ g2d).T is the
-    # same product as g2d.T @ x2d and faster on CPU BLAS, which streams the large g2d in its
-    # own row-major order (median 0.26 ms against 0.91 ms with warm caches, 0.74 against
-    # 1.19 ms cold, for out=1376, tokens=512, r=8 on 2 cores). The result is made contiguous
-    # here, scaled in the same pass (torch.mul into a contiguous out), rather than by autograd's
-    # gradient accumulation (two ops).
+    # (x2d.T @ g2d).T is the same product as g2d.T @ x2d and faster on CPU BLAS, which streams
+    # the large g2d in its own row-major order (median 0.26 ms against 0.91 ms with warm caches,
+    # 0.74 against 1.19 ms cold, for out=1376, tokens=512, r=8 on 2 cores). The result is made
+    # contiguous here, scaled in the same pass (torch.mul into a contiguous out), rather than by
+    # autograd's gradient accumulation (two ops).
     dtype = grad_dtype(grad_out.dtype)
     g2d = grad_out.reshape(-1, grad_out.shape[-1])
     x2d = x_idx.reshape(-1, x_idx.shape[-1])
+    if g2d.dtype == torch.bfloat16 and _native_bf16():
+        # bf16 operands straight into the GEMM, as autocast gives any fp32 weight's gradient
+        # (and PEFT's LoRA and PaCA theirs): no fp32 copy of the (tokens, out) gradient, which
+        # cost as much as the product itself on an AVX512-BF16 CPU (`aten::copy_` +15 ms, mm
+        # +28 ms a step on the SmolLM2 shape, issue 37's profile). The GEMM accumulates in
+        # fp32; its (r, out) result is rounded to bf16 once, then scaled in fp32. Where bf16
+        # is emulated (AVX2 only), the fp32 path below stays.
+        product = torch.mm(x2d.to(g2d.dtype).t(), g2d)  # (r, out) in bf16
+        out = product.new_empty(product.shape[::-1], dtype=dtype).copy_(product.t())
+        return out.mul_(scaling)
     if g2d.dtype != dtype:
         g2d = g2d.to(dtype)
     if x2d.dtype != dtype:
