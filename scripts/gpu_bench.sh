@@ -8,7 +8,9 @@
 #    float64 exactness, DropBP), then the whole suite unless SUITE=0;
 # 2. paca bench, bf16, AdamW fused: the default shape, the SmolLM2 shape and the overhead preset
 #    (SmolLM2's depth at tiny width: per-layer launch and Python costs alone), for frozen, PaCA,
-#    LoRA, PaCA + DropBP 0.5 and LoRA + DropBP 0.5, peak device memory per method;
+#    PEFT's own PaCA (where the installed peft has it: peft >= 0.22; skipped with the reason
+#    otherwise), LoRA, PaCA + DropBP 0.5, LoRA + DropBP 0.5 and a second frozen copy (the noise),
+#    peak device memory per method; the SmolLM2 shape in fp32 as well;
 # 3. table.md: both tables under the machine's name (GPU, driver, torch);
 # 4. with 2+ GPUs (NGPU, default: all; skipped with one): `paca train` on SmolLM2 for 20 steps
 #    as DDP, FSDP2 (--fsdp) and DeepSpeed ZeRO-2 (--deepspeed), each against one process with
@@ -20,7 +22,7 @@ set -euo pipefail
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-gpu-results}
 ROUNDS=${ROUNDS:-20}
-METHODS=${METHODS:-frozen,paca,lora,paca-dropbp,lora-dropbp}
+METHODS=${METHODS:-frozen,paca,peft-paca,lora,paca-dropbp,lora-dropbp,frozen-aa}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 
@@ -36,14 +38,16 @@ if [ "${SUITE:-1}" = 1 ]; then
   python -m pytest -q -x 2>&1 | tail -3 | tee "$OUT/suite.txt"
 fi
 
-for preset in default smollm2 overhead; do
+for run in default:bfloat16 smollm2:bfloat16 smollm2:float32 overhead:bfloat16; do
+  preset=${run%%:*}
+  dtype=${run##*:}
   if [ "${QUICK:-0}" = 1 ]; then
     shape=(--quick)
   else
     shape=(--preset "$preset" --rounds "$ROUNDS" --warmup 3)
   fi
-  python -m paca.cli bench "${shape[@]}" --device "$DEVICE" --dtype bfloat16 --optim fused \
-    --methods "$METHODS" --output "$OUT/bench-$preset"
+  python -m paca.cli bench "${shape[@]}" --device "$DEVICE" --dtype "$dtype" --optim fused \
+    --methods "$METHODS" --output "$OUT/bench-$preset-$dtype"
 done
 
 python - "$OUT" <<'PY'
@@ -53,13 +57,13 @@ from pathlib import Path
 
 out = Path(sys.argv[1])
 lines = [f"# paca bench on {(out / 'machine.txt').read_text().strip()}", ""]
-for preset in ("default", "smollm2", "overhead"):
-    lines += [(out / f"bench-{preset}" / "bench.md").read_text(), ""]
+for run in ("default-bfloat16", "smollm2-bfloat16", "smollm2-float32", "overhead-bfloat16"):
+    lines += [(out / f"bench-{run}" / "bench.md").read_text(), ""]
 (out / "table.md").write_text("\n".join(lines))
 print(f"wrote {out / 'table.md'}")
 PY
 
-NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+NGPU=${NGPU:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}
 if [ "$NGPU" -ge 2 ] && [ "${QUICK:-0}" != 1 ]; then
   common=(train --max-steps 20 --eval-examples 64 --precision bf16)
   python -m paca.cli "${common[@]}" --batch-size $((8 * NGPU)) --output "$OUT/train-1"
