@@ -124,14 +124,18 @@ if [ -z "$ca" ]; then
     fi
   done
 fi
+# podman leaves each mount point in the image as an empty file (as it leaves /etc/resolv.conf):
+# check_image makes sure nothing more is there
+ca_target=/run/paca-host-ca.crt
+pip_target=/etc/pip.conf
 mounts=()
 pip_conf="$cache/pip.conf"
 printf '[global]\n' > "$pip_conf"
 if [ -n "$ca" ]; then
-  printf 'cert = /run/paca-host-ca.crt\n' >> "$pip_conf"
-  mounts+=(-v "$ca:/run/paca-host-ca.crt:ro")
+  printf 'cert = %s\n' "$ca_target" >> "$pip_conf"
+  mounts+=(-v "$ca:$ca_target:ro")
 fi
-mounts+=(-v "$pip_conf:/etc/pip.conf:ro")
+mounts+=(-v "$pip_conf:$pip_target:ro")
 
 # A CPU torch: PyPI's x86_64 torch is the CUDA build (GBs with its nvidia-* wheels), so the wheel
 # comes from wherever the host's pip finds a +cpu build (a local wheel folder or index in its
@@ -196,12 +200,16 @@ stage gaudi build_image gaudi --build-arg "BASE_IMAGE=$stand_in" \
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 check_image() {
-  local name=$1 tag="localhost/paca:$1-stand-in" user workdir uid out
+  local name=$1 tag="localhost/paca:$1-stand-in" user workdir uid out owner
   user="$(podman image inspect --format '{{.Config.User}}' "$tag")"
   workdir="$(podman image inspect --format '{{.Config.WorkingDir}}' "$tag")"
   uid="${user%%:*}"
   uid="${uid:-0}"
   podman run --rm --network none "$tag" --help > /dev/null
+  # the CA bundle and pip.conf were mounted into the build, never copied: at most empty stubs
+  podman run --rm --network none --entrypoint sh "$tag" -c \
+    'for f in "$@"; do if [ -s "$f" ]; then echo "$f is in the image"; exit 1; fi; done' \
+    sh "$ca_target" "$pip_target"
   # a host folder owned by the image's user, mounted under its working directory as the README's
   # command does; the run must write its output there as that user
   out="$work/$name"
