@@ -301,7 +301,17 @@ def _train_parser(sub) -> None:
         "Fields: paca.recipes.train.TrainConfig.",
     )
     p.add_argument("--model", default=None, help="local model folder or hub id")
-    p.add_argument("--data", default=None, help="JSONL or CSV: text,label | text | prompt,response")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="a .jsonl(.gz), .json, .csv or .parquet file, or a datasets save_to_disk folder "
+        "(README: Your data)",
+    )
+    p.add_argument(
+        "--format",
+        default=None,
+        help=f"the rows' format, one of {', '.join(train.FORMATS)} (default: detected)",
+    )
     p.add_argument("--task", default=defaults.task, help=f"one of {', '.join(train.TASKS)}")
     p.add_argument("--method", default=defaults.method, help=f"one of {', '.join(train.METHODS)}")
     per_task = {
@@ -413,7 +423,9 @@ def _run_train(args) -> int:
         ]
         print(f"  {when:6s} {' | '.join(parts)}")
     for example in metrics.get("examples", []):
-        question = example["prompt"].split("\n\n", 1)[-1].split("<|im_end|>")[0][:70]
+        # the last user turn's last paragraph (the default task's docstring, after its
+        # question), on one line
+        question = " ".join(example["question"].rsplit("\n\n", 1)[-1].split())[:70]
         print(f"  {question!r}: want {example['answer']!r}, before {example.get('before')!r}, "
               f"after {example.get('after')!r}")  # fmt: skip
     return 0

