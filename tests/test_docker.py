@@ -271,3 +271,18 @@ def test_stand_in_is_linted_and_the_leg_runs_in_ci():
     # the stand-in gives both files what they expect of a base: python and pip with torch
     text = STAND_IN.read_text()
     assert "PATH=/opt/venv/bin:" in text and "python3-venv" in text
+
+
+def test_the_run_inside_the_images_uses_flags_that_paca_train_has(capsys):
+    # a renamed flag would otherwise fail only at the end of the Docker leg, after the builds
+    from paca.cli import main
+
+    docker_sh = (ROOT / "ci" / "docker.sh").read_text()
+    (line,) = [line for line in docker_sh.splitlines() if line.strip().startswith("train ")]
+    flags = [word for word in shlex.split(line) if word.startswith("--")]
+    assert "--max-steps" in flags and "--output" in flags
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    for flag in flags:
+        assert flag in help_text, f"ci/docker.sh runs paca train {flag}, which it does not take"
