@@ -82,27 +82,32 @@ def classification_data(rows, tokenizer, cfg, labels, path=""):
     """``text,label`` rows as ``input_ids``, ``attention_mask`` and the label's index."""
     _format(rows, path, "classification", "text-label")
     label2id = {label: i for i, label in enumerate(labels)}
+
+    def encode(row):
+        ids = tokenizer(str(row["text"]))["input_ids"]
+        lost = "text" if len(ids) > cfg.seq_len else None
+        encoded = tokenizer(str(row["text"]), truncation=True, max_length=cfg.seq_len)
+        item = {
+            "input_ids": encoded["input_ids"],
+            "attention_mask": encoded["attention_mask"],
+            "labels": label2id[str(row["label"])],
+        }
+        return item, lost
+
+    return _examples(rows, encode, answers=False)
+
+
+def _examples(rows: dict[str, list[dict]], encode, answers: bool) -> dict[str, Examples]:
+    """``Examples`` of each split; ``encode(row)`` gives ``(item, what seq_len cut or None)``."""
     out = {}
     for split, items in rows.items():
-        encoded = (
-            tokenizer([str(r["text"]) for r in items], truncation=True, max_length=cfg.seq_len)
-            if items
-            else None
-        )
-        cut = Counter(
-            {"text": sum(len(e) >= cfg.seq_len for e in encoded["input_ids"])} if items else {}
-        )
-        out[split] = Examples(
-            [
-                {
-                    "input_ids": encoded["input_ids"][i],
-                    "attention_mask": encoded["attention_mask"][i],
-                    "labels": label2id[str(r["label"])],
-                }
-                for i, r in enumerate(items)
-            ],
-            +cut,
-        )
+        examples, cut = [], Counter()
+        for row in items:
+            item, lost = encode(row)
+            examples.append(item)
+            if lost:
+                cut[lost] += 1
+        out[split] = Examples(examples, cut, answers)
     return out
 
 
@@ -110,24 +115,21 @@ def causal_lm_data(rows, tokenizer, cfg, path="", format=None):
     """``text`` rows (the loss on every token), or a prompt and its answer as plain text (the
     loss on the answer and the end-of-text token)."""
     fmt = _format(rows, path, "causal-lm", format)
-    out = {}
-    for split, items in rows.items():
-        examples, cut = [], Counter()
-        for r in items:
-            text, answer = text_pair(r, fmt, path)
-            if answer is None:
-                ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-                labels = list(ids)
-            else:
-                prompt = tokenizer(text, add_special_tokens=True)["input_ids"]
-                response = tokenizer(answer, add_special_tokens=False)["input_ids"]
-                ids = prompt + response + [tokenizer.eos_token_id]
-                labels = [IGNORE] * len(prompt) + response + [tokenizer.eos_token_id]
-            if len(ids) > cfg.seq_len:
-                cut["text" if answer is None else "answer"] += 1
-            examples.append({"input_ids": ids[: cfg.seq_len], "labels": labels[: cfg.seq_len]})
-        out[split] = Examples(examples, cut, answers=fmt.name != "text")
-    return out
+
+    def encode(row):
+        text, answer = text_pair(row, fmt, path)
+        if answer is None:
+            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+            labels = list(ids)
+        else:
+            prompt = tokenizer(text, add_special_tokens=True)["input_ids"]
+            response = tokenizer(answer, add_special_tokens=False)["input_ids"]
+            ids = prompt + response + [tokenizer.eos_token_id]
+            labels = [IGNORE] * len(prompt) + response + [tokenizer.eos_token_id]
+        lost = ("text" if answer is None else "answer") if len(ids) > cfg.seq_len else None
+        return {"input_ids": ids[: cfg.seq_len], "labels": labels[: cfg.seq_len]}, lost
+
+    return _examples(rows, encode, answers=fmt.name != "text")
 
 
 def chat_data(rows, tokenizer, cfg, path="", format=None):
@@ -139,29 +141,25 @@ def chat_data(rows, tokenizer, cfg, path="", format=None):
         TrainError: a row the format or the chat template refuses, naming its line.
     """
     fmt = _format(rows, path, "chat", format)
-    out = {}
-    for split, items in rows.items():
-        examples, cut = [], Counter()
-        for r in items:
-            messages, trained = conversation(r, fmt, path)
-            try:
-                rendered = render(tokenizer, messages, trained, cfg.seq_len)
-            except TemplateError as exc:
-                raise TrainError(f"{where(r, path)}: {exc}") from None
-            cut.update(rendered.cut[-1:])  # what it lost last: the most it lost
-            last = trained[-1]
-            users = [m["content"] for m in messages[:last] if m["role"] == "user"]
-            examples.append(
-                {
-                    "input_ids": rendered.input_ids,
-                    "labels": rendered.labels,
-                    "answer_start": rendered.answer_start,
-                    "question": users[-1] if users else "",
-                    "answer": messages[last]["content"],
-                }
-            )
-        out[split] = Examples(examples, cut, answers=True)
-    return out
+
+    def encode(row):
+        messages, trained = conversation(row, fmt, path)
+        try:
+            rendered = render(tokenizer, messages, trained, cfg.seq_len)
+        except TemplateError as exc:
+            raise TrainError(f"{where(row, path)}: {exc}") from None
+        last = trained[-1]
+        users = [m["content"] for m in messages[:last] if m["role"] == "user"]
+        item = {
+            "input_ids": rendered.input_ids,
+            "labels": rendered.labels,
+            "answer_start": rendered.answer_start,
+            "question": users[-1] if users else "",
+            "answer": messages[last]["content"],
+        }
+        return item, (rendered.cut[-1] if rendered.cut else None)  # the most it lost
+
+    return _examples(rows, encode, answers=True)
 
 
 class CausalCollator:
