@@ -14,8 +14,13 @@
 #             wheel)
 #   cuda, gaudi  the two images, rebuilt every run (all their weight lies after `COPY paca`)
 #   run-cuda, run-gaudi  the checks inside each image
-# Where podman cannot run (not root and not installed, no apt, a runtime that refuses this
-# kernel), the leg says why and passes, as ci/serving.sh does without its engines.
+# Where podman cannot run (not root, no apt to install it, a runtime that refuses this kernel),
+# the leg says why and passes, as ci/serving.sh does without its engines.
+#
+# Cost, measured on 2 cores shared with other work (load 5-6): about 14 minutes on a machine with
+# neither podman nor any image (apt 8-18 s, debootstrap 104-128 s, stand-in 92-141 s, each build
+# 170-330 s, each run 64-157 s); 10-14 minutes with the stand-in cached. The leg's last line
+# gives each stage's time of the run at hand.
 #
 # Environment: PACA_DOCKER_CACHE (default ~/.cache/paca-docker): the torch wheel, the pip
 # configuration and podman's configuration for the leg; PACA_DEBIAN_MIRROR (default
