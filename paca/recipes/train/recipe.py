@@ -379,9 +379,11 @@ def _train(
     # paca's Trainer checkpoints the adapter alone (not a copy of the model)
     trainer_class = AdapterTrainer if cfg.method == "paca" else transformers.Trainer
     loss_options = {}
-    if labels is None and not (cfg.fsdp or cfg.deepspeed):
+    if labels is None and not (cfg.fsdp or cfg.deepspeed or cfg.drop_sensitivity):
         # a causal LM computes logits at its labelled positions only (loss.py); left to the
-        # model's own loss under FSDP and DeepSpeed, whose wrapping this was not tried with
+        # model's own loss under FSDP and DeepSpeed, whose wrapping this was not tried with,
+        # and when DropBP measures sensitivities (it reruns a training forward's inputs, labels
+        # included, and the model's own loss)
         trainer_class = _answer_logits_only(trainer_class)
         loss_options["compute_loss_func"] = answer_loss
     with quantized_training(model):
@@ -508,9 +510,10 @@ def _answer_logits_only(trainer_class):
 
     class AnswerLogitsTrainer(trainer_class):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # the Trainer takes the labels out of the inputs before the forward: select first
+            # the Trainer takes the labels out of the inputs before the forward: select first,
+            # and hand it a copy (callbacks such as DropBP's sensitivity reuse the batch)
             with scored_logits_only(self.model, inputs["labels"]):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                return super().compute_loss(model, dict(inputs), return_outputs, num_items_in_batch)
 
     AnswerLogitsTrainer.__name__ = trainer_class.__name__
     return AnswerLogitsTrainer
