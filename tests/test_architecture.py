@@ -134,3 +134,12 @@ def test_only_backends_name_a_device_in_code():
             if isinstance(node, ast.Attribute) and node.attr in devices:
                 offenders.append(f"{name}:{node.lineno} .{node.attr}")
     assert not offenders, offenders
+
+
+def test_no_module_is_over_750_lines():
+    # one concern per file, readable top to bottom: a module past this grows a package instead
+    # (paca/recipes/train.py did at 1,179 lines)
+    long = {
+        name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > 750
+    }
+    assert not long, long
