@@ -314,6 +314,10 @@ BAD = [
     ("split.jsonl", b'{"prompt": "a", "response": "b", "split": "dev"}\n',
      "split.jsonl line 1: split 'dev' is not one of train, validation, test"),
     ("rows.txt", b"hello\n", "rows.txt: unknown kind of file; use .jsonl"),
+    ("array.json", b'[{"prompt": "a", "response": "b"},\n {"prompt": oops}]',
+     "array.json line 2: not valid JSON (Expecting value); the file holds one JSON array"),
+    ("ints.json", b'[{"prompt": "a", "response": "b"}, 3]',
+     "ints.json row 2: a JSON int, not an object"),
 ]  # fmt: skip
 
 

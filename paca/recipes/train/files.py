@@ -189,7 +189,21 @@ def read_rows(path: Path) -> list[dict] | dict[str, list[dict]]:
                 builder, data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True
             )
         except Exception as exc:  # datasets wraps every parse error in its own types
-            if builder == "json":
+            if builder == "json" and text.lstrip().startswith("["):
+                try:  # a JSON array: where it breaks
+                    array = json.loads(text)
+                except json.JSONDecodeError as bad:
+                    raise TrainError(
+                        f"{_where(path, bad.lineno)}: not valid JSON ({bad.msg}); the file holds "
+                        "one JSON array of objects"
+                    ) from None
+                for number, row in enumerate(array, start=1):
+                    if not isinstance(row, dict):
+                        raise TrainError(
+                            f"{_where(path, number, 'row')}: a JSON {type(row).__name__}, not an "
+                            "object; the array holds one object per row"
+                        ) from None
+            elif builder == "json":
                 _check_json_lines(path)  # a .json file of JSON lines with a bad line
             cause = exc.__cause__ or exc
             raise TrainError(
