@@ -68,8 +68,10 @@ class TrainConfig:
             default (``TASK_DEFAULTS``; also for ``batch_size`` and ``seq_len``).
         batch_size (int | None): examples per device step.
         grad_accum (int): steps accumulated per optimizer step.
-        seq_len (int | None): tokens per example (longer ones are cut; a chat prompt loses the
-            end of its text, never its answer).
+        seq_len (int | None): tokens per example. A longer chat example loses whole exchanges
+            from its start (a system turn stays), then the end of its last user turn, and only
+            then the end of its last answer; a text loses its end. The run says how many were
+            cut and what they lost.
         precision (str): ``fp32``, ``bf16`` or ``auto`` (default): ``bf16`` where the device
             computes it natively (a GPU with bf16 tensor cores, Gaudi, a CPU with AVX512-BF16
             or AMX; ``paca.backends.bf16_support``), else ``fp32``; the run says which and why.
