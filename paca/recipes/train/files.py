@@ -78,23 +78,34 @@ def _utf8_text(path: Path) -> str:
     raise TrainError(f"{_where(path, line)}: not UTF-8 text; {how}")
 
 
-def _check_json_lines(path: Path) -> None:
-    """The first line of a JSONL file that is not a JSON object, as a ``TrainError``."""
-    with _opener(path)(path, "rt", encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise TrainError(
-                    f"{_where(path, number)}: not valid JSON ({exc.msg}); each line holds one "
-                    "JSON object"
-                ) from None
+# how rows sit in a JSON file: one array, or one object per line
+LAYOUT = {
+    True: "the file holds one JSON array of objects",
+    False: 'each line holds one JSON object such as {"prompt": ..., "response": ...}',
+}
+
+
+def _check_json(path: Path, text: str) -> None:
+    """The first place where a JSON array or JSON-lines ``text`` is not rows of objects, as a
+    ``TrainError`` naming its line (or row)."""
+    array = text.lstrip().startswith("[")
+    if array:
+        pieces = [(1, text)]
+    else:
+        pieces = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    for number, piece in pieces:
+        try:
+            value = json.loads(piece)
+        except json.JSONDecodeError as exc:
+            line = exc.lineno if array else number
+            raise TrainError(
+                f"{_where(path, line)}: not valid JSON ({exc.msg}); {LAYOUT[array]}"
+            ) from None
+        for index, row in enumerate(value if array else [value], start=1):
             if not isinstance(row, dict):
+                place = _where(path, index, "row") if array else _where(path, number)
                 raise TrainError(
-                    f"{_where(path, number)}: a JSON {type(row).__name__}, not an object; each "
-                    'line holds one object such as {"prompt": ..., "response": ...}'
+                    f"{place}: a JSON {type(row).__name__}, not an object; {LAYOUT[array]}"
                 )
 
 
@@ -182,29 +193,15 @@ def read_rows(path: Path) -> list[dict] | dict[str, list[dict]]:
         if not text.strip():
             raise TrainError(f"data={path}: the dataset is empty")
         if builder == "json" and not path.name.lower().endswith((".json", ".json.gz")):
-            _check_json_lines(path)
+            _check_json(path, text)
     with _quiet_datasets() as datasets, tempfile.TemporaryDirectory() as cache:
         try:
             dataset = datasets.load_dataset(
                 builder, data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True
             )
         except Exception as exc:  # datasets wraps every parse error in its own types
-            if builder == "json" and text.lstrip().startswith("["):
-                try:  # a JSON array: where it breaks
-                    array = json.loads(text)
-                except json.JSONDecodeError as bad:
-                    raise TrainError(
-                        f"{_where(path, bad.lineno)}: not valid JSON ({bad.msg}); the file holds "
-                        "one JSON array of objects"
-                    ) from None
-                for number, row in enumerate(array, start=1):
-                    if not isinstance(row, dict):
-                        raise TrainError(
-                            f"{_where(path, number, 'row')}: a JSON {type(row).__name__}, not an "
-                            "object; the array holds one object per row"
-                        ) from None
-            elif builder == "json":
-                _check_json_lines(path)  # a .json file of JSON lines with a bad line
+            if builder == "json":
+                _check_json(path, text)
             cause = exc.__cause__ or exc
             raise TrainError(
                 f"data={path}: {builder} reader failed ({str(cause).splitlines()[0][:200]}); "
