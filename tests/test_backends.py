@@ -85,6 +85,12 @@ def test_every_backend_declares_what_the_table_needs():
     assert list(backends.table())[-1] == "cpu", "the CPU is the last resort of device='auto'"
 
 
+def test_only_a_graph_per_shape_device_asks_for_static_shapes():
+    assert backends.static_shapes(torch.device("hpu"))  # Gaudi compiles a graph per shape
+    for device_type in ("cpu", "cuda", "meta"):
+        assert not backends.static_shapes(torch.device(device_type))
+
+
 def test_meta_tensors_need_no_backend():
     before = backends.loaded()
     backends.load_for({torch.device("meta"), torch.device("cpu")})

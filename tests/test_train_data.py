@@ -374,3 +374,25 @@ def test_smollm2_trains_on_a_messages_file_and_shows_the_last_user_turn(tmp_path
     shown = [line for line in out.splitlines() if ": want " in line]
     assert shown and all(line.strip().startswith("'question ") for line in shown), out
     assert "SmolLM" not in out
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic-shapes", "static-shapes"])
+def test_answer_logits_only_where_the_device_takes_data_dependent_shapes(
+    tmp_path, chat_model, monkeypatch, static
+):
+    """Training computes logits at the answer positions only (a boolean selection whose size
+    changes per batch), except on a device that compiles a graph per shape (Gaudi's backend
+    declares STATIC_SHAPES), where the model's own loss over full logits runs instead."""
+    from paca import backends
+    from paca.recipes.train import recipe
+
+    monkeypatch.setattr(backends, "static_shapes", lambda device: static)
+    wrapped = []
+    original = recipe._answer_logits_only
+    monkeypatch.setattr(
+        recipe, "_answer_logits_only", lambda cls: wrapped.append(cls) or original(cls)
+    )
+    data = _jsonl(tmp_path / "d.jsonl", [ROWS["messages"](q, a) for q, a in _pairs()])
+    metrics = _train(chat_model, data, tmp_path / "out")
+    assert bool(wrapped) is not static
+    assert metrics["after"]["validation"]["loss"] < metrics["before"]["validation"]["loss"]

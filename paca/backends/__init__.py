@@ -12,6 +12,8 @@ Each backend module declares, at top level and nothing else:
   ``reset_peak_memory_stats(device)`` where ``torch.<device type>`` lacks them.
 * optionally ``bf16_support(device) -> (bool, str)``: whether the device computes bf16
   natively, and why (what ``precision="auto"`` of ``paca train`` asks).
+* optionally ``STATIC_SHAPES = True``: the device compiles a graph per input shape, so shapes
+  that depend on the data are to be avoided there (``static_shapes``).
 
 Adding a device is one file in this folder plus one line in ``MODULES``. Importing a backend
 module touches no device: CUDA is not initialised and ``habana_frameworks`` is not imported
@@ -141,6 +143,12 @@ def _device_function(device: torch.device, name: str):
     if current is not None and current.type == device.type:
         return getattr(accelerator, name, None)
     return None
+
+
+def static_shapes(device: torch.device) -> bool:
+    """Whether ``device`` wants shapes that do not depend on the data (its backend's
+    ``STATIC_SHAPES``): a Gaudi recompiles its graph for every new shape."""
+    return bool(getattr(table().get(device.type), "STATIC_SHAPES", False))
 
 
 def synchronize(device: torch.device) -> None:

@@ -32,6 +32,12 @@ def is_available() -> bool:
     return hasattr(torch, "hpu") and torch.hpu.is_available()
 
 
+# Graphs are compiled per input shape (lazy mode, and eager mode's torch.compile with the
+# hpu_backend): a shape that depends on the data (a boolean mask's selection) recompiles at
+# every new size, so callers keep such selections off this device
+STATIC_SHAPES = True
+
+
 def bf16_support(device) -> tuple[bool, str]:
     return True, "Gaudi's matrix engine (MME) computes bf16 natively"
 

@@ -379,11 +379,13 @@ def _train(
     # paca's Trainer checkpoints the adapter alone (not a copy of the model)
     trainer_class = AdapterTrainer if cfg.method == "paca" else transformers.Trainer
     loss_options = {}
-    if labels is None and not (cfg.fsdp or cfg.deepspeed or cfg.drop_sensitivity):
+    answer_logits = not (cfg.fsdp or cfg.deepspeed or cfg.drop_sensitivity)
+    if labels is None and answer_logits and not backends.static_shapes(device):
         # a causal LM computes logits at its labelled positions only (loss.py); left to the
         # model's own loss under FSDP and DeepSpeed, whose wrapping this was not tried with,
-        # and when DropBP measures sensitivities (it reruns a training forward's inputs, labels
-        # included, and the model's own loss)
+        # when DropBP measures sensitivities (it reruns a training forward's inputs, labels
+        # included, and the model's own loss), and on a device that compiles a graph per shape
+        # (Gaudi): the labelled positions' count changes from batch to batch
         trainer_class = _answer_logits_only(trainer_class)
         loss_options["compute_loss_func"] = answer_loss
     with quantized_training(model):
