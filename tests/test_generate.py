@@ -15,6 +15,7 @@ import torch
 import paca
 from paca import backends
 from paca.recipes import generate
+from paca.recipes.loading import dtype_argument, load_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "serving_check.py"
 
@@ -47,8 +48,11 @@ def test_load_picks_the_dtype_by_cpu_unless_told(bf16_model, monkeypatch, native
     base, adapter = bf16_model
     _cpu(monkeypatch, native)
     model, _ = generate.load(adapter, str(base))
-    # the trap: left to itself, the precision follows the CPU
-    assert next(model.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
+    # the trap: left to itself, the precision follows the CPU. Where bf16 is native the
+    # checkpoint loads as transformers loads it by default (its stored bf16 since transformers
+    # 5; fp32 in 4.x, the Gaudi pins), elsewhere in fp32
+    default = next(load_model(str(base)).parameters()).dtype
+    assert next(model.parameters()).dtype == (default if native else torch.float32)
     for dtype in (torch.float32, torch.bfloat16):
         model, _ = generate.load(adapter, str(base), dtype=dtype)
         assert {p.dtype for p in model.parameters() if not p.requires_grad} == {dtype}
@@ -70,9 +74,8 @@ def test_serving_reference_computes_in_fp32_on_any_cpu(bf16_model, monkeypatch, 
     # fp32 answers are those of the merged model computed densely in fp32
     from transformers import AutoModelForCausalLM
 
-    dense = paca.merge(
-        paca.load_adapter(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
-    ).eval()
+    fp32 = AutoModelForCausalLM.from_pretrained(base, **dtype_argument(torch.float32))
+    dense = paca.merge(paca.load_adapter(fp32, adapter)).eval()
     ids = generate.prompt_ids(tokenizer, "Which module has json.dumps?")
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
