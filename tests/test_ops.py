@@ -245,3 +245,27 @@ def test_compiled_graphs_trace_the_kernels():
     x_idx = x.detach()[..., idx].flatten(0, 1)  # (tokens, r)
     expected = 2.0 * torch.ones(10, 8).t() @ x_idx  # the output gradient is all ones
     torch.testing.assert_close(delta.grad, expected)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_partial_grad_split_over_threads(threads):
+    """The fp32 kernel splits a wide gradient into one block of output columns per thread (one
+    bmm); narrow or uneven widths stay one GEMM. Every way within fp32 of the float64 product,
+    on a contiguous and on a non-contiguous gradient."""
+    cpu = backends.load("cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        for out, split in ((cpu.MIN_BLOCK * 2, threads == 2), (cpu.MIN_BLOCK * 6, threads > 1)):
+            assert (cpu._blocks(out) > 1) is split
+            g = torch.randn(2, 48, out, generator=generator)
+            x_idx = torch.randn(2, 48, 8, generator=generator)
+            for grad in (g, torch.randn(out, 48, 2, generator=generator).permute(2, 1, 0)):
+                got = cpu.partial_grad(grad, x_idx, 0.5)
+                assert got.shape == (out, 8) and got.is_contiguous()
+                expected = _expected("partial_grad", (grad, x_idx, 0.5))
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert cpu._blocks(cpu.MIN_BLOCK * threads - 1) == 1  # uneven or too narrow: one GEMM
+    finally:
+        torch.set_num_threads(before)
