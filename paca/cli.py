@@ -367,6 +367,16 @@ def _train_parser(sub) -> None:
     )
     p.add_argument("--bf16", action="store_true", help="the same as --precision bf16")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    grouped = ", ".join(
+        f"{task} {'on' if values['group_by_length'] else 'off'}"
+        for task, values in train.TASK_DEFAULTS.items()
+    )
+    p.add_argument(
+        "--group-by-length",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"batches of examples of about one length, less padding (default per task: {grouped})",
+    )
     p.add_argument(
         "--fsdp",
         action="store_true",

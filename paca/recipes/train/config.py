@@ -28,10 +28,17 @@ DEFAULT_LR = {"paca": 8e-3, "lora": 4e-3, "full": 4e-4, "head": 0.16}
 # and 8e-4 and keeps the lower).
 CHAT_LR = {"paca": 5e-3, "lora": 4e-3, "full": 4e-4}
 # per task: optimizer steps, batch size, tokens per example (what None stands for)
+# and whether training batches are drawn by length (group_by_length). Classification keeps
+# random batches: its accuracy figures (docs/accuracy.md) were measured that way
 TASK_DEFAULTS = {
-    "chat": {"max_steps": 100, "batch_size": 8, "seq_len": 96},
-    "classification": {"max_steps": 200, "batch_size": 16, "seq_len": 64},
-    "causal-lm": {"max_steps": 200, "batch_size": 16, "seq_len": 64},
+    "chat": {"max_steps": 100, "batch_size": 8, "seq_len": 96, "group_by_length": True},
+    "classification": {
+        "max_steps": 200,
+        "batch_size": 16,
+        "seq_len": 64,
+        "group_by_length": False,
+    },
+    "causal-lm": {"max_steps": 200, "batch_size": 16, "seq_len": 64, "group_by_length": True},
 }
 
 
@@ -68,6 +75,10 @@ class TrainConfig:
             default (``TASK_DEFAULTS``; also for ``batch_size`` and ``seq_len``).
         batch_size (int | None): examples per device step.
         grad_accum (int): steps accumulated per optimizer step.
+        group_by_length (bool | None): draw each training batch from examples of about the
+            same length (transformers' ``LengthGroupedSampler``: random groups of 50 batches,
+            each sorted by length), so a batch is padded to little more than its own examples;
+            ``None``: the task's default (on for chat and causal-lm).
         seq_len (int | None): tokens per example. A longer chat example loses whole exchanges
             from its start (a system turn stays), then the end of its last user turn, and only
             then the end of its last answer; a text loses its end. The run says how many were
@@ -140,6 +151,7 @@ class TrainConfig:
     batch_size: int | None = None
     grad_accum: int = 1
     seq_len: int | None = None
+    group_by_length: bool | None = None
     precision: str = "auto"
     bf16: bool = False
     fsdp: bool = False

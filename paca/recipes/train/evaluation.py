@@ -19,19 +19,22 @@ import torch
 
 from paca.recipes.generate import greedy
 from paca.recipes.train.loss import scored_logits_only, targets
+from paca.recipes.train.prefix import with_shared_prefix
 
 if TYPE_CHECKING:
     from paca.recipes.train.processes import Processes
 
 SHORT_ANSWER = 16  # tokens, end of turn included: the longest answer exact match is kept for
-EVAL_BATCH = 64
+EVAL_BATCH = 32  # sorted by length, so smaller batches pad less
 
 
-def _my_batches(n: int, batch_size: int, procs: Processes | None) -> list[range]:
-    """The batches of a held-out split this process evaluates: the one-process batches, dealt
-    round-robin, so every example is computed in the same batch whatever the process count
-    (the numbers equal one process's; the time is 1/N)."""
-    batches = [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+def _my_batches(lengths: list[int], batch_size: int, procs: Processes | None) -> list[list[int]]:
+    """The batches of a held-out split this process evaluates: the examples in order of length
+    (each batch padded to little more than its own examples; the collator pads to the longest),
+    cut into one-process batches dealt round-robin, so every example is computed in the same
+    batch whatever the process count (the numbers equal one process's; the time is 1/N)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     rank, world = (procs.rank, procs.world) if procs is not None else (0, 1)
     return batches[rank::world]
 
@@ -44,11 +47,18 @@ def short_answers(dataset) -> bool:
 
 @torch.no_grad()
 def held_out_scores(
-    model, dataset, collator, procs: Processes | None = None, classify=False, batch_size=None
+    model,
+    dataset,
+    collator,
+    procs: Processes | None = None,
+    classify=False,
+    batch_size=None,
+    share_prefix=True,
 ) -> dict[str, float | None]:
     """Scores of ``model`` on ``dataset`` (items the ``collator`` batches into ``input_ids``
     ``(batch, tokens)`` and ``labels``: ``(batch,)`` for a classifier, ``(batch, tokens)`` with
-    ``-100`` where unscored for a causal LM).
+    ``-100`` where unscored for a causal LM). A causal LM's batch runs its shared prompt prefix
+    once (``prefix.with_shared_prefix``) unless ``share_prefix`` is off.
 
     Returns:
         dict: ``loss`` (as the Trainer's ``evaluate`` defines it: each batch's mean loss over
@@ -63,7 +73,8 @@ def held_out_scores(
     # sum of batch losses x examples, examples, hits, scored items, examples all hit
     total = torch.zeros(5, dtype=torch.float64)
     try:
-        for batch in _my_batches(len(dataset), batch_size or EVAL_BATCH, procs):
+        lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+        for batch in _my_batches(lengths, batch_size or EVAL_BATCH, procs):
             inputs = {k: v.to(device) for k, v in collator([dataset[i] for i in batch]).items()}
             labels = inputs["labels"]
             total[1] += len(batch)
@@ -74,6 +85,9 @@ def held_out_scores(
                     total[2] += (out.logits.argmax(-1) == labels).sum().item()
                     total[3] += len(batch)
                 continue
+            if share_prefix:
+                inputs = with_shared_prefix(model, inputs)  # the same logits, less work
+                labels = inputs["labels"]
             rest = {k: v for k, v in inputs.items() if k != "labels"}
             with scored_logits_only(model, labels) as selected:
                 logits = model(**rest).logits

@@ -47,6 +47,7 @@ from paca.recipes.train.precision import (
     resolve_precision,
     trained_in_fp32,
 )
+from paca.recipes.train.prefix import with_shared_prefix
 from paca.recipes.train.processes import Processes
 from paca.selection import get_strategy
 from paca.targets import HEAD_NAMES
@@ -338,6 +339,13 @@ def _train(
     if cfg.deepspeed:
         options["deepspeed"] = cfg.deepspeed
     fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    if cfg.group_by_length:
+        # batches padded to little more than their own examples: on the default chat task
+        # (lengths 79 on average, cut at 96) a step's padding fell from 17% of its tokens
+        if "train_sampling_strategy" in fields:  # transformers 5
+            options["train_sampling_strategy"] = "group_by_length"
+        else:
+            options["group_by_length"] = True
     if "average_tokens_across_devices" in fields:
         # the loss weighted by tokens across processes (transformers 5's default; 4.x's is
         # off), so N processes train what one process with the same global batch trains
@@ -380,13 +388,17 @@ def _train(
     trainer_class = AdapterTrainer if cfg.method == "paca" else transformers.Trainer
     loss_options = {}
     answer_logits = not (cfg.fsdp or cfg.deepspeed or cfg.drop_sensitivity)
+    # the shared prompt prefix once per batch (prefix.py): one process (DDP's reducer expects
+    # one forward per backward), no activation checkpointing (it turns the cache off) and no
+    # DropBP (not tried with it)
+    share_prefix = procs.world == 1 and not (cfg.gradient_checkpointing or cfg.drop_backward)
     if labels is None and answer_logits and not backends.static_shapes(device):
         # a causal LM computes logits at its labelled positions only (loss.py); left to the
         # model's own loss under FSDP and DeepSpeed, whose wrapping this was not tried with,
         # when DropBP measures sensitivities (it reruns a training forward's inputs, labels
         # included, and the model's own loss), and on a device that compiles a graph per shape
         # (Gaudi): the labelled positions' count changes from batch to batch
-        trainer_class = _answer_logits_only(trainer_class)
+        trainer_class = _answer_logits_only(trainer_class, share_prefix)
         loss_options["compute_loss_func"] = answer_loss
     with quantized_training(model):
         trainer = trainer_class(
@@ -423,6 +435,9 @@ def _train(
             random.Random(0).shuffle(items)  # the same sample whatever the run's seed
             evaluate[held_out] = Examples(items[: cfg.eval_examples or len(items)], answers=True)
     exact = {split: d.answers and short_answers(d) for split, d in evaluate.items()}
+    # the held-out pass runs shared prefixes once too, except on sharded models (not tried) and
+    # on a device that compiles a graph per shape
+    share_held_out = not (cfg.fsdp or cfg.deepspeed or backends.static_shapes(device))
     generations: dict[str, dict[str, list[str]]] = {}  # when -> split -> greedy answers
     evaluation_seconds: dict[str, float] = {}
 
@@ -431,7 +446,9 @@ def _train(
         started = time.perf_counter()
         for split, dataset in evaluate.items():
             with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
-                found = held_out_scores(model, dataset, collator, procs, bool(labels))
+                found = held_out_scores(
+                    model, dataset, collator, procs, bool(labels), share_prefix=share_held_out
+                )
                 result[split] = {"loss": found["loss"]}
                 if labels:
                     result[split]["accuracy"] = found["accuracy"]
@@ -506,12 +523,16 @@ def _train(
     }
 
 
-def _answer_logits_only(trainer_class):
+def _answer_logits_only(trainer_class, share_prefix: bool):
     """``trainer_class`` whose training forward computes logits at the labelled positions only
-    (``loss.scored_logits_only``); its ``compute_loss_func`` must be ``loss.answer_loss``."""
+    (``loss.scored_logits_only``; its ``compute_loss_func`` must be ``loss.answer_loss``) and,
+    with ``share_prefix``, runs a batch's shared prompt prefix once (``prefix``)."""
 
     class AnswerLogitsTrainer(trainer_class):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if share_prefix:  # under the autocast accelerate gives the model's own forward
+                with self.accelerator.autocast():
+                    inputs = with_shared_prefix(self.model, inputs)
             # the Trainer takes the labels out of the inputs before the forward: select first,
             # and hand it a copy (callbacks such as DropBP's sensitivity reuse the batch)
             with scored_logits_only(self.model, inputs["labels"]):
