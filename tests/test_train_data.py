@@ -390,9 +390,29 @@ def test_answer_logits_only_where_the_device_takes_data_dependent_shapes(
     wrapped = []
     original = recipe._answer_logits_only
     monkeypatch.setattr(
-        recipe, "_answer_logits_only", lambda cls: wrapped.append(cls) or original(cls)
+        recipe,
+        "_answer_logits_only",
+        lambda cls, *rest: wrapped.append(cls) or original(cls, *rest),
     )
+    from paca.recipes.train import evaluation, prefix
+
+    shared = {"train": 0, "held-out": 0}  # batches whose shared prompt prefix ran once
+
+    def spy(where):
+        def share(model, inputs):
+            out = prefix.with_shared_prefix(model, inputs)
+            shared[where] += out is not inputs
+            return out
+
+        return share
+
+    monkeypatch.setattr(recipe, "with_shared_prefix", spy("train"))
+    monkeypatch.setattr(evaluation, "with_shared_prefix", spy("held-out"))
     data = _jsonl(tmp_path / "d.jsonl", [ROWS["messages"](q, a) for q, a in _pairs()])
     metrics = _train(chat_model, data, tmp_path / "out")
     assert bool(wrapped) is not static
+    # the system turn and the template's start are every row's: run once per batch, except
+    # on a static-shape device (the prefix's length changes per batch there too)
+    assert (shared["train"] == 2 and shared["held-out"] == 2) is not static, shared
+    assert (shared["train"] == 0 and shared["held-out"] == 0) is static, shared
     assert metrics["after"]["validation"]["loss"] < metrics["before"]["validation"]["loss"]
