@@ -12,7 +12,10 @@
 #    otherwise), LoRA, PaCA + DropBP 0.5, LoRA + DropBP 0.5 and a second frozen copy (the noise),
 #    peak device memory per method; the SmolLM2 shape in fp32 as well;
 # 3. table.md: both tables under the machine's name (GPU, driver, torch);
-# 4. with 2+ GPUs (NGPU, default: all; skipped with one): `paca train` on SmolLM2 for 20 steps
+# 4. the default `paca train` as a newcomer runs it (SmolLM2, 100 steps, --precision auto: bf16
+#    on a GPU with bf16 tensor cores), its batches' shared prompt prefix run once: wall time in
+#    default-run.txt, training and evaluation seconds and exact match in its metrics.json;
+# 5. with 2+ GPUs (NGPU, default: all; skipped with one): `paca train` on SmolLM2 for 20 steps
 #    as DDP, FSDP2 (--fsdp) and DeepSpeed ZeRO-2 (--deepspeed), each against one process with
 #    the same global batch: the adapters (largest difference) and the evaluation, in
 #    train-compare.txt. CPUs cannot run FSDP or DeepSpeed through the Trainer (accelerate
@@ -62,6 +65,15 @@ for run in ("default-bfloat16", "smollm2-bfloat16", "smollm2-float32", "overhead
 (out / "table.md").write_text("\n".join(lines))
 print(f"wrote {out / 'table.md'}")
 PY
+
+rm -rf "$OUT/default-run"
+run_args=()
+if [ "${QUICK:-0}" = 1 ]; then
+  run_args=(--max-steps 2 --eval-examples 8)
+fi
+started=$(date +%s)
+python -m paca.cli train --device "$DEVICE" "${run_args[@]}" --output "$OUT/default-run"
+echo "default paca train: $(($(date +%s) - started)) s wall" | tee "$OUT/default-run.txt"
 
 NGPU=${NGPU:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}
 if [ "$NGPU" -ge 2 ] && [ "${QUICK:-0}" != 1 ]; then

@@ -251,7 +251,7 @@ def test_compiled_graphs_trace_the_kernels():
 def test_cpu_partial_grad_split_over_threads(threads):
     """The fp32 kernel splits a wide gradient into one block of output columns per thread (one
     bmm); narrow or uneven widths stay one GEMM. Every way within fp32 of the float64 product,
-    on a contiguous and on a non-contiguous gradient."""
+    on a contiguous gradient, a transposed one and one whose rows lie apart."""
     cpu = backends.load("cpu")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -261,7 +261,9 @@ def test_cpu_partial_grad_split_over_threads(threads):
             assert (cpu._blocks(out) > 1) is split
             g = torch.randn(2, 48, out, generator=generator)
             x_idx = torch.randn(2, 48, 8, generator=generator)
-            for grad in (g, torch.randn(out, 48, 2, generator=generator).permute(2, 1, 0)):
+            transposed = torch.randn(out, 48, 2, generator=generator).permute(2, 1, 0)
+            sliced = torch.randn(2, 48, out + 5, generator=generator)[..., :out]  # rows apart
+            for grad in (g, transposed, sliced):
                 got = cpu.partial_grad(grad, x_idx, 0.5)
                 assert got.shape == (out, 8) and got.is_contiguous()
                 expected = _expected("partial_grad", (grad, x_idx, 0.5))
