@@ -341,7 +341,8 @@ def _train(
     fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
     if cfg.group_by_length:
         # batches padded to little more than their own examples: on the default chat task
-        # (lengths 79 on average, cut at 96) a step's padding fell from 17% of its tokens
+        # (79 tokens on average, a third cut at 96) a random batch of 8 was nearly always
+        # padded to 96, 17% of its tokens padding
         if "train_sampling_strategy" in fields:  # transformers 5
             options["train_sampling_strategy"] = "group_by_length"
         else:
